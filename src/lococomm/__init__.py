@@ -1,0 +1,16 @@
+"""lococomm: fault-tolerant, compressed, low-communication collectives for PyTorch training."""
+
+from lococomm.collectives.communicator import Handle
+from lococomm.ft.manager import Manager, StepMetrics
+from lococomm.membership.client import AuthenticationError, CoordinatorUnavailable
+from lococomm.membership.coordinator import Coordinator
+
+__all__ = [
+    "AuthenticationError",
+    "Coordinator",
+    "CoordinatorUnavailable",
+    "Handle",
+    "Manager",
+    "StepMetrics",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Command line: `lococomm coordinator`, `lococomm run`."""

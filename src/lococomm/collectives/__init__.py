@@ -1,0 +1,1 @@
+"""Collective algorithms over one epoch's process group; they never block past an abort."""

@@ -1,0 +1,55 @@
+"""What a collective algorithm needs from one epoch: its process group and how to give up."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lococomm.collectives.abort import AbortSignal
+from lococomm.collectives.buffers import BufferPool, Graveyard
+
+
+@dataclass
+class Communicator:
+    """One epoch's cross-replica process group, seen by collective algorithms.
+
+    `fail(reason)` marks the current step failed (the manager votes it down at once so the
+    other members abandon their side too); algorithms call it instead of raising.
+    """
+
+    pg: Any  # torch ProcessGroup, None when world_size == 1
+    rank: int
+    world_size: int
+    abort: AbortSignal
+    pool: BufferPool
+    graveyard: Graveyard
+    timeout: float  # seconds one collective may take before the step is failed
+    fail: Callable[[str], None]
+    epoch: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    bytes_sent: int = 0  # payload bytes this member put on the wire (algorithm estimate)
+
+
+class Handle:
+    """Result of an asynchronous collective; `wait()` finishes it and returns its value."""
+
+    def __init__(self, finish: Callable[[], Any] | None = None, value: Any = None) -> None:
+        self._finish = finish
+        self._value = value
+
+    @classmethod
+    def completed(cls, value: Any) -> Handle:
+        return cls(None, value)
+
+    def wait(self) -> Any:
+        """Block until done (never past an abort). Returns the collective's value."""
+        if self._finish is not None:
+            finish, self._finish = self._finish, None
+            self._value = finish()
+        return self._value
+
+    def is_waited(self) -> bool:
+        return self._finish is None

@@ -1,0 +1,282 @@
+"""Exact all-reduce, broadcast and all-gather that never corrupt the caller's tensor.
+
+Gloo writes into the buffer it was given for as long as the op lives, and an op abandoned
+because a peer hung lives on until the process-group timeout (if the peer resumes, the op may
+even complete and write a stale result, measured here). So the caller's memory is only handed
+to gloo when we can take it back:
+
+* owned path: the tensor is the sole user of its storage. It is reduced in place while a backup
+  copy is taken chunk by chunk just ahead of each chunk's op (one copy, pipelined). On a clean
+  failure the backup is copied back; if ops are still pending the tensor is re-pointed at the
+  backup storage (`set_`) and the old storage is left to the zombie op.
+* private path (views, shared or non-contiguous storage): reduce in a pooled private buffer
+  filled chunk by chunk ahead of each op, copied out only once every chunk succeeded.
+
+Chunks are issued back to back so copies overlap communication and gloo's two worker threads
+run two chunks at once (2-4 chunks are ~15 % faster than one op at 64 MiB here).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+from lococomm.collectives import signature
+from lococomm.collectives.communicator import Communicator, Handle
+
+REDUCE_OPS = {"sum": 1, "mean": 2, "max": 3, "min": 4}
+_TORCH_OPS = {
+    "sum": dist.ReduceOp.SUM,
+    "mean": dist.ReduceOp.SUM,
+    "max": dist.ReduceOp.MAX,
+    "min": dist.ReduceOp.MIN,
+}
+MIN_CHUNK_BYTES = 4 << 20
+TARGET_CHUNK_BYTES = 16 << 20
+MAX_CHUNKS = 64
+
+
+def plan_chunks(numel: int, element_size: int) -> list[tuple[int, int]]:
+    """Split [0, numel) into contiguous ranges for pipelining (pure; same on every member)."""
+    nbytes = numel * element_size
+    if nbytes < 2 * MIN_CHUNK_BYTES:
+        return [(0, numel)] if numel else []
+    count = max(2, min(MAX_CHUNKS, round(nbytes / TARGET_CHUNK_BYTES)))
+    step = -(-numel // count)
+    return [(a, min(numel, a + step)) for a in range(0, numel, step)]
+
+
+def exclusively_owned(tensor: torch.Tensor) -> bool:
+    """True if no other tensor/view can observe `tensor`'s storage (safe to swap it)."""
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    if use_count is None or not tensor.is_contiguous() or tensor.storage_offset() != 0:
+        return False
+    if tensor.requires_grad and not tensor.is_leaf:
+        return False
+    storage = tensor.untyped_storage()
+    if storage.nbytes() != tensor.numel() * tensor.element_size():
+        return False
+    return use_count(storage._cdata) == 2  # the tensor itself + the `storage` wrapper above
+
+
+def check_tensor(tensor: object, what: str) -> torch.Tensor:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{what} expects a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.is_sparse:
+        raise TypeError(f"{what} does not support sparse tensors")
+    signature.dtype_code(tensor.dtype)
+    return tensor
+
+
+def allreduce(
+    comm: Communicator, tensor: torch.Tensor, op: str = "sum", name: str = "", verify: bool = True
+) -> Handle:
+    """Start an exact all-reduce of `tensor` in place; the handle's wait() returns success."""
+    check_tensor(tensor, "allreduce")
+    if op not in REDUCE_OPS:
+        raise ValueError(f"allreduce op must be one of {sorted(REDUCE_OPS)}, got {op!r}")
+    if op == "mean" and not (tensor.is_floating_point() or tensor.is_complex()):
+        raise TypeError(f"allreduce(op='mean') needs a floating tensor, got {tensor.dtype}")
+    if comm.world_size == 1 or comm.pg is None:
+        return Handle.completed(True)
+    description = signature.describe("allreduce", op, name, tensor)
+    if verify:
+        err = signature.check(comm, signature.fields("allreduce", REDUCE_OPS[op], tensor), description)
+        if err is not None:
+            comm.fail(err)
+            return Handle.completed(False)
+    if tensor.numel() == 0:
+        return Handle.completed(True)
+    opts = dist.AllreduceOptions()
+    opts.reduceOp = _TORCH_OPS[op]
+    chunks = plan_chunks(tensor.numel(), tensor.element_size())
+    scale = comm.world_size if op == "mean" else None
+    comm.bytes_sent += _ring_bytes(tensor, comm.world_size)
+    if exclusively_owned(tensor):
+        return _allreduce_owned(comm, tensor, chunks, opts, scale, description)
+    return _allreduce_private(comm, tensor, chunks, opts, scale, description)
+
+
+def _allreduce_owned(comm, tensor, chunks, opts, scale, description) -> Handle:
+    flat = tensor.view(-1)
+    backup = comm.pool.get(flat.numel(), flat.dtype, flat.device)
+    works: list = []
+    try:
+        for a, b in chunks:
+            backup[a:b].copy_(flat[a:b])
+            work = comm.pg.allreduce([flat[a:b]], opts)
+            comm.abort.watch(work)
+            works.append(work)
+    except Exception as e:
+        return Handle.completed(_fail_owned(comm, tensor, backup, works, f"could not start: {e}", description))
+
+    def finish() -> bool:
+        deadline = time.monotonic() + comm.timeout
+        for (a, b), work in zip(chunks, works):
+            err = comm.abort.wait_works([work], deadline)
+            if err is not None:
+                return _fail_owned(comm, tensor, backup, works, err, description)
+            if scale is not None:
+                flat[a:b].div_(scale)
+        comm.pool.put(backup)
+        return True
+
+    return Handle(finish)
+
+
+def _fail_owned(comm, tensor, backup, works, err, description) -> bool:
+    pending = [w for w in works if not w.is_completed()]
+    with torch.no_grad():
+        if pending:
+            # A zombie op may still write into the tensor's storage: move the tensor onto the
+            # backup (which holds its original values) and leave the old storage to the op.
+            old = tensor.view(-1)
+            tensor.set_(backup.untyped_storage(), 0, tensor.shape, tensor.stride())
+            comm.graveyard.bury(works, [old])
+        else:
+            tensor.view(-1).copy_(backup)
+            comm.pool.put(backup)
+    comm.fail(f"{description}: {err}")
+    return False
+
+
+def _allreduce_private(comm, tensor, chunks, opts, scale, description) -> Handle:
+    buf = comm.pool.get(tensor.numel(), tensor.dtype, tensor.device)
+    contiguous = tensor.is_contiguous()
+    src = tensor.view(-1) if contiguous else None
+    if not contiguous:
+        buf.view(tensor.shape).copy_(tensor)
+    works: list = []
+    try:
+        for a, b in chunks:
+            if src is not None:
+                buf[a:b].copy_(src[a:b])
+            work = comm.pg.allreduce([buf[a:b]], opts)
+            comm.abort.watch(work)
+            works.append(work)
+    except Exception as e:
+        return Handle.completed(_fail_private(comm, buf, works, f"could not start: {e}", description))
+
+    def finish() -> bool:
+        err = comm.abort.wait_works(works, time.monotonic() + comm.timeout)
+        if err is not None:
+            return _fail_private(comm, buf, works, err, description)
+        if scale is not None:
+            buf.div_(scale)
+        if src is not None:
+            src.copy_(buf)
+        else:
+            tensor.copy_(buf.view(tensor.shape))
+        comm.pool.put(buf)
+        return True
+
+    return Handle(finish)
+
+
+def _fail_private(comm, buf, works, err, description) -> bool:
+    if any(not w.is_completed() for w in works):
+        comm.graveyard.bury(works, [buf])
+    else:
+        comm.pool.put(buf)
+    comm.fail(f"{description}: {err}")
+    return False
+
+
+def broadcast(
+    comm: Communicator, tensor: torch.Tensor, src: int, name: str = "", verify: bool = True
+) -> Handle:
+    """Start a broadcast from epoch rank `src` into `tensor` (written only on success)."""
+    check_tensor(tensor, "broadcast")
+    if not isinstance(src, int) or not 0 <= src < comm.world_size:
+        raise ValueError(f"broadcast src must be a rank in [0, {comm.world_size}), got {src!r}")
+    if comm.world_size == 1 or comm.pg is None:
+        return Handle.completed(True)
+    description = signature.describe("broadcast", f"src={src}", name, tensor)
+    if verify:
+        values = signature.fields("broadcast", 0, tensor, extra=src)
+        err = signature.check(comm, values, description)
+        if err is not None:
+            comm.fail(err)
+            return Handle.completed(False)
+    if tensor.numel() == 0:
+        return Handle.completed(True)
+    opts = dist.BroadcastOptions()
+    opts.rootRank = src
+    chunks = plan_chunks(tensor.numel(), tensor.element_size())
+    sender = comm.rank == src
+    if sender:
+        # The root only reads: a zombie read of the caller's memory is harmless.
+        data = tensor.view(-1) if tensor.is_contiguous() else tensor.contiguous().view(-1)
+        comm.bytes_sent += tensor.numel() * tensor.element_size() * (comm.world_size - 1)
+    else:
+        data = comm.pool.get(tensor.numel(), tensor.dtype, tensor.device)
+    works: list = []
+    try:
+        for a, b in chunks:
+            work = comm.pg.broadcast([data[a:b]], opts)
+            comm.abort.watch(work)
+            works.append(work)
+    except Exception as e:
+        return Handle.completed(_fail_broadcast(comm, sender, data, works, f"could not start: {e}", description))
+
+    def finish() -> bool:
+        err = comm.abort.wait_works(works, time.monotonic() + comm.timeout)
+        if err is not None:
+            return _fail_broadcast(comm, sender, data, works, err, description)
+        if not sender:
+            tensor.copy_(data.view(tensor.shape))
+            comm.pool.put(data)
+        return True
+
+    return Handle(finish)
+
+
+def _fail_broadcast(comm, sender, data, works, err, description) -> bool:
+    if sender:
+        comm.graveyard.bury(works, [data])
+        comm.fail(f"{description}: {err}")
+        return False
+    return _fail_private(comm, data, works, err, description)
+
+
+def allgather(comm: Communicator, tensor: torch.Tensor, name: str = "", verify: bool = True) -> Handle:
+    """Start an all-gather; the handle's wait() returns a new [world_size, *shape] tensor or None."""
+    check_tensor(tensor, "allgather")
+    if comm.world_size == 1 or comm.pg is None:
+        return Handle.completed(tensor.detach().clone().unsqueeze(0))
+    description = signature.describe("allgather", "cat", name, tensor)
+    if verify:
+        err = signature.check(comm, signature.fields("allgather", 0, tensor), description)
+        if err is not None:
+            comm.fail(err)
+            return Handle.completed(None)
+    out = torch.empty((comm.world_size, *tensor.shape), dtype=tensor.dtype, device=tensor.device)
+    if tensor.numel() == 0:
+        return Handle.completed(out)
+    data = tensor.detach().reshape(-1)
+    if not data.is_contiguous():
+        data = data.contiguous()
+    comm.bytes_sent += data.numel() * data.element_size() * (comm.world_size - 1)
+    try:
+        work = comm.pg._allgather_base(out.view(-1), data)
+        comm.abort.watch(work)
+    except Exception as e:
+        comm.fail(f"{description}: could not start: {e}")
+        return Handle.completed(None)
+
+    def finish() -> torch.Tensor | None:
+        err = comm.abort.wait_works([work], time.monotonic() + comm.timeout)
+        if err is not None:
+            comm.graveyard.bury([work], [out, data])
+            comm.fail(f"{description}: {err}")
+            return None
+        return out
+
+    return Handle(finish)
+
+
+def _ring_bytes(tensor: torch.Tensor, world_size: int) -> int:
+    """Bytes one member sends in a ring all-reduce: 2 (W-1)/W of the tensor."""
+    return 2 * (world_size - 1) * tensor.numel() * tensor.element_size() // world_size

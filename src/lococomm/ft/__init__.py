@@ -1,0 +1,1 @@
+"""Fault tolerance: the Manager step protocol, epochs, healing and bit-parity."""

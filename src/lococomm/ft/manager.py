@@ -1,0 +1,597 @@
+"""The step protocol: quorum -> collectives -> commit, surviving crashes, hangs and joins.
+
+    manager.start_step()         # fast path if membership is unchanged, else re-quorum + heal
+    manager.allreduce(grad)      # never raises on a peer failure: marks the step failed
+    if manager.commit():         # True only if every member of the epoch completed the step
+        optimizer.step()
+
+A failed step (a peer crashed or hung, a collective mismatched, the coordinator went away) is
+voted down at once so the other members abandon their collectives too; it ends the epoch, and
+the next `start_step()` forms a new one. Nothing of a failed step is applied: the caller may
+retry the same batch. Whether the next step needs a new quorum is always known to all members
+alike, because it is carried by the commit decision they all receive.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from lococomm.collectives import exact
+from lococomm.collectives.abort import AbortSignal
+from lococomm.collectives.buffers import BufferPool, Graveyard
+from lococomm.collectives.communicator import Communicator, Handle
+from lococomm.ft.epoch import EpochInfo, build_with_abort, new_process_group
+from lococomm.membership.client import CoordinatorClient, CoordinatorUnavailable
+
+log = logging.getLogger(__name__)
+
+_MAX_REPORTED_SIGNATURES = 16
+
+
+@dataclass
+class StepMetrics:
+    """Counters a training script or `lococomm run` can display (JSON-able via `as_dict`)."""
+
+    committed: int = 0
+    failed: int = 0
+    epochs: int = 0
+    quorum_seconds: float = 0.0  # time spent in the last re-quorum (incl. group build + heal)
+    heal_seconds: float = 0.0
+    heal_bytes: int = 0
+    bytes_sent: int = 0  # collective payload bytes this worker sent, cumulative
+    last_failure: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in vars(self).items()}
+
+
+@dataclass
+class _EpochContext:
+    info: EpochInfo
+    abort: AbortSignal
+    comm: Communicator | None = None
+
+
+class Manager:
+    """A worker's handle on fault-tolerant training (one per process / local rank).
+
+    Args:
+        coordinator: "host:port" of the coordinator.
+        replica_id: stable name of this replica group (default: hostname:pid). A restarted
+            process may reuse it; it is still a new member and gets healed.
+        token: shared secret (default $LOCOCOMM_TOKEN).
+        backend: "gloo" (CPU tensors) or "nccl" (CUDA tensors).
+        heartbeat_interval: seconds between heartbeats; default a quarter of the
+            coordinator's heartbeat timeout, which it announces at registration.
+        timeout: seconds a collective, a rendezvous or a commit decision may take before the
+            step is failed; also the process groups' own timeout.
+        group_rank, group_world_size: this process's rank inside its replica group and the
+            group's size (torchrun LOCAL_RANK / LOCAL_WORLD_SIZE); one cross-replica group is
+            built per local rank.
+        quorum_timeout: seconds start_step() waits for a quorum before raising TimeoutError.
+    """
+
+    def __init__(
+        self,
+        coordinator: str,
+        replica_id: str | None = None,
+        token: str | None = None,
+        backend: str = "gloo",
+        heartbeat_interval: float | None = None,
+        timeout: float = 60.0,
+        group_rank: int = 0,
+        group_world_size: int = 1,
+        quorum_timeout: float = 600.0,
+        connect_timeout: float = 60.0,
+        reconnect_timeout: float = 120.0,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if backend not in ("gloo", "nccl"):
+            raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
+        if not 0 <= group_rank < group_world_size:
+            raise ValueError(f"group_rank {group_rank} outside [0, {group_world_size})")
+        if timeout <= 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        self.backend = backend
+        self.timeout = float(timeout)
+        self.quorum_timeout = float(quorum_timeout)
+        self.replica_id = replica_id or f"{socket.gethostname()}:{os.getpid()}"
+        self.group_rank = group_rank
+        self.group_world_size = group_world_size
+        if device is None:
+            device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else "cpu"
+        self.device = torch.device(device)
+        self.metrics = StepMetrics()
+        self._cond = threading.Condition()
+        self._epoch_message: dict[str, Any] | None = None
+        self._decisions: dict[tuple[int, int], dict[str, Any]] = {}
+        self._ctx: _EpochContext | None = None
+        self._need_quorum = True
+        self._step = 0
+        self._last_epoch = 0
+        self._last_members: list[str] = []
+        self._in_step = False
+        self._failure: str | None = None
+        self._early_voted = False
+        self._signatures: list[str] = []
+        self._signature_hash = hashlib.blake2b(digest_size=16)
+        self._pending: list[Handle] = []
+        self._report: dict[str, Any] = {}
+        self._store: Any = None
+        self._store_generation = -1
+        self._closed = False
+        self._bytes_retired = 0
+        self.pool = BufferPool()
+        self.graveyard = Graveyard()
+        self._client = CoordinatorClient(
+            coordinator,
+            self.replica_id,
+            group_rank,
+            group_world_size,
+            token if token is not None else (os.environ.get("LOCOCOMM_TOKEN") or None),
+            registration=self._registration,
+            on_message=self._on_message,
+            on_connection_change=self._on_connection_change,
+            connect_timeout=connect_timeout,
+            reconnect_timeout=reconnect_timeout,
+            heartbeat_interval=heartbeat_interval,
+        )
+        self._client.connect()
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> Manager:
+        """Build from LOCOCOMM_COORDINATOR, LOCOCOMM_REPLICA_ID, LOCOCOMM_TOKEN,
+        LOCOCOMM_BACKEND, LOCOCOMM_TIMEOUT and torchrun's LOCAL_RANK / LOCAL_WORLD_SIZE."""
+        env = os.environ
+        coordinator = overrides.pop("coordinator", env.get("LOCOCOMM_COORDINATOR"))
+        if not coordinator:
+            raise ValueError("LOCOCOMM_COORDINATOR is not set (expected 'host:port')")
+        group_world_size = int(env.get("LOCAL_WORLD_SIZE", "1"))
+        replica_id = env.get("LOCOCOMM_REPLICA_ID")
+        if not replica_id and group_world_size > 1:
+            run_id = env.get("TORCHELASTIC_RUN_ID")
+            if not run_id:
+                raise ValueError(
+                    "a replica group of several ranks needs LOCOCOMM_REPLICA_ID (the same on "
+                    "all its ranks)"
+                )
+            replica_id = f"{socket.gethostname()}:{run_id}"
+        kwargs: dict[str, Any] = {
+            "coordinator": coordinator,
+            "replica_id": replica_id or None,
+            "token": env.get("LOCOCOMM_TOKEN") or None,
+            "backend": env.get("LOCOCOMM_BACKEND")
+            or ("nccl" if torch.cuda.is_available() else "gloo"),
+            "group_rank": int(env.get("LOCAL_RANK", "0")),
+            "group_world_size": group_world_size,
+        }
+        if env.get("LOCOCOMM_TIMEOUT"):
+            kwargs["timeout"] = float(env["LOCOCOMM_TIMEOUT"])
+        kwargs.update(overrides)
+        if kwargs["backend"] == "nccl" and "device" not in kwargs:
+            kwargs["device"] = torch.device("cuda", int(env.get("LOCAL_RANK", "0")))
+        return cls(**kwargs)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def step(self) -> int:
+        """Number of committed steps (the same on every member after a commit)."""
+        return self._step
+
+    @property
+    def epoch(self) -> int:
+        return self._ctx.info.number if self._ctx else self._last_epoch
+
+    @property
+    def rank(self) -> int:
+        return self._ctx.info.rank if self._ctx else 0
+
+    @property
+    def world_size(self) -> int:
+        return self._ctx.info.world_size if self._ctx else 1
+
+    @property
+    def members(self) -> list[str]:
+        """Replica ids of this epoch's cross-replica group, in rank order."""
+        return list(self._ctx.info.group_replicas) if self._ctx else []
+
+    @property
+    def in_step(self) -> bool:
+        return self._in_step
+
+    @property
+    def step_failed(self) -> bool:
+        return self._failure is not None or bool(self._ctx and self._ctx.abort.aborted)
+
+    @property
+    def last_failure(self) -> str:
+        return self.metrics.last_failure
+
+    # ------------------------------------------------------------------ step protocol
+    def start_step(self) -> None:
+        """Begin a step: re-quorum (and heal) only if membership changed or a step failed."""
+        if self._closed:
+            raise RuntimeError("manager is closed")
+        if self._in_step:
+            raise RuntimeError("start_step() called twice without commit() in between")
+        self._check_client()
+        ctx = self._ctx
+        if self._need_quorum or ctx is None or ctx.abort.aborted:
+            self._quorum()
+        self._in_step = True
+        self._failure = None
+        self._early_voted = False
+        self._signatures = []
+        self._signature_hash = hashlib.blake2b(digest_size=16)
+        self._pending = []
+
+    def commit(self) -> bool:
+        """Vote on the step; True only if every member completed it (then apply the update).
+
+        On False nothing may be applied; the next start_step() re-forms the group and the same
+        batch can be retried.
+        """
+        if not self._in_step:
+            raise RuntimeError("commit() called without start_step()")
+        for handle in self._pending:
+            handle.wait()
+        self._pending = []
+        self._in_step = False
+        ctx = self._ctx
+        assert ctx is not None
+        key = (ctx.info.number, self._step)
+        if not self._early_voted:
+            if self._failure is None and ctx.abort.aborted:
+                self._failure = f"aborted: {ctx.abort.reason}"
+            sent = self._client.send(
+                {
+                    "type": "vote",
+                    "epoch": ctx.info.number,
+                    "step": self._step,
+                    "ok": self._failure is None,
+                    "reason": self._failure or "",
+                    "signature": self._signature_hash.hexdigest(),
+                    "signatures": self._signatures[:_MAX_REPORTED_SIGNATURES],
+                    "info": self._report,
+                }
+            )
+            if not sent:
+                return self._step_failed("lost the coordinator before voting")
+        decision = self._wait_decision(key)
+        if decision is None:
+            return self._step_failed(self._failure or "no commit decision from the coordinator")
+        if decision.get("reconfigure"):
+            self._need_quorum = True
+        if not decision["ok"]:
+            return self._step_failed(self._failure or str(decision.get("reason", "")))
+        self._step += 1
+        self.metrics.committed += 1
+        self.metrics.bytes_sent = self._bytes_sent_total()
+        return True
+
+    def report(self, **values: float | int | str) -> None:
+        """Attach small metrics (e.g. loss=...) to the next commit vote, for progress displays."""
+        self._report.update({k: v for k, v in values.items() if isinstance(v, int | float | str)})
+
+    def close(self) -> None:
+        """Leave gracefully (others see a leave, not a crash) and release resources."""
+        if self._closed:
+            return
+        self._closed = True
+        self._client.close(leave=True)
+        self._retire_epoch("manager closed")
+
+    def __enter__(self) -> Manager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ collectives
+    def allreduce(
+        self,
+        tensor: torch.Tensor,
+        op: str = "sum",
+        async_op: bool = False,
+        name: str = "",
+        verify: bool = True,
+    ) -> bool | Handle:
+        """Exact all-reduce of `tensor` in place over the epoch ("sum", "mean", "max", "min").
+
+        Returns True on success (False: the step failed and `tensor` is unchanged). With
+        async_op=True returns a Handle whose wait() gives that bool. `verify` exchanges a
+        signature header first so mismatched shapes/dtypes fail the step with a clear message.
+        """
+        comm = self._comm_for("allreduce")
+        handle = self._guard(lambda: exact.allreduce(comm, tensor, op, name, verify), False)
+        return self._finish(handle, f"allreduce({op}) {name}", tensor, async_op)
+
+    def broadcast(
+        self, tensor: torch.Tensor, src: int, async_op: bool = False, name: str = "", verify: bool = True
+    ) -> bool | Handle:
+        """Broadcast `tensor` from epoch rank `src` into every member's `tensor` (in place)."""
+        comm = self._comm_for("broadcast")
+        handle = self._guard(lambda: exact.broadcast(comm, tensor, src, name, verify), False)
+        return self._finish(handle, f"broadcast(src={src}) {name}", tensor, async_op)
+
+    def allgather(
+        self, tensor: torch.Tensor, async_op: bool = False, name: str = "", verify: bool = True
+    ) -> torch.Tensor | None | Handle:
+        """Gather `tensor` from every member: a new [world_size, *shape] tensor, None on failure."""
+        comm = self._comm_for("allgather")
+        handle = self._guard(lambda: exact.allgather(comm, tensor, name, verify), None)
+        return self._finish(handle, f"allgather {name}", tensor, async_op)
+
+    @property
+    def communicator(self) -> Communicator:
+        """The current epoch's communicator, for collective algorithms built on the manager."""
+        return self._comm_for("communicator")
+
+    def record_signature(self, description: str) -> None:
+        """Add one collective to this step's signature (compared across members at commit)."""
+        self._signatures.append(description)
+        self._signature_hash.update(description.encode())
+        self._signature_hash.update(b"\0")
+
+    def fail_step(self, reason: str) -> None:
+        """Mark the current step failed (voted down at once so peers stop waiting for us)."""
+        if self._failure is not None:
+            return
+        self._failure = reason
+        self.metrics.last_failure = reason
+        log.warning("step %d failed: %s", self._step, reason)
+        ctx = self._ctx
+        if ctx is not None and self._in_step and not self._early_voted:
+            self._early_voted = self._client.send(
+                {
+                    "type": "vote",
+                    "epoch": ctx.info.number,
+                    "step": self._step,
+                    "ok": False,
+                    "reason": reason,
+                    "signature": "",
+                    "signatures": [],
+                }
+            )
+
+    # ------------------------------------------------------------------ internals
+    def _comm_for(self, what: str) -> Communicator:
+        if not self._in_step:
+            raise RuntimeError(f"{what} called outside a step: call start_step() first")
+        assert self._ctx is not None and self._ctx.comm is not None
+        return self._ctx.comm
+
+    def _guard(self, start: Any, failed_value: Any) -> Handle:
+        if self.step_failed:
+            return Handle.completed(failed_value)  # no point moving data for a doomed step
+        return start()
+
+    def _finish(self, handle: Handle, label: str, tensor: Any, async_op: bool) -> Any:
+        if isinstance(tensor, torch.Tensor):
+            self.record_signature(f"{label.strip()} {str(tensor.dtype)[6:]}{list(tensor.shape)}")
+        if async_op:
+            self._pending.append(handle)
+            return handle
+        return handle.wait()
+
+    def _step_failed(self, reason: str) -> bool:
+        self._need_quorum = True
+        self.metrics.failed += 1
+        self.metrics.last_failure = reason
+        return False
+
+    def _bytes_sent_total(self) -> int:
+        comm = self._ctx.comm if self._ctx else None
+        return self._bytes_retired + (comm.bytes_sent if comm else 0)
+
+    def _check_client(self) -> None:
+        if self._client.failure:
+            raise CoordinatorUnavailable(self._client.failure)
+
+    def _registration(self) -> dict[str, Any]:
+        return {
+            "step": self._step,
+            "last_epoch": self._last_epoch,
+            "last_members": self._last_members,
+        }
+
+    def _on_message(self, message: dict[str, Any]) -> None:
+        with self._cond:
+            kind = message["type"]
+            if kind == "epoch":
+                self._epoch_message = message
+            elif kind == "decision":
+                key = (int(message["epoch"]), int(message["step"]))
+                self._decisions[key] = message
+                if len(self._decisions) > 64:
+                    for old in sorted(self._decisions)[:-32]:
+                        del self._decisions[old]
+                ctx = self._ctx
+                if not message["ok"] and ctx is not None and ctx.info.number == key[0]:
+                    ctx.abort.abort(str(message.get("reason", "step failed")))
+            self._cond.notify_all()
+
+    def _on_connection_change(self, reason: str) -> None:
+        with self._cond:
+            ctx = self._ctx
+            if ctx is not None:
+                ctx.abort.abort(f"coordinator connection: {reason}")
+            self._need_quorum = True
+            self._cond.notify_all()
+
+    def _wait_decision(self, key: tuple[int, int]) -> dict[str, Any] | None:
+        generation = self._client.generation
+        deadline = time.monotonic() + self.timeout
+        cancelled = False
+        with self._cond:
+            while key not in self._decisions:
+                if self._client.generation != generation or not self._client.connected:
+                    return None
+                now = time.monotonic()
+                if now >= deadline:
+                    if cancelled:
+                        return None
+                    # Withdraw our vote: the coordinator decides False unless it already decided.
+                    cancelled = True
+                    deadline = now + max(1.0, self.timeout / 4)
+                    self._failure = self._failure or "timed out waiting for the commit decision"
+                    self._client.send(
+                        {
+                            "type": "vote",
+                            "epoch": key[0],
+                            "step": key[1],
+                            "ok": False,
+                            "reason": self._failure,
+                        }
+                    )
+                    continue
+                self._cond.wait(min(0.5, deadline - now))
+            return self._decisions[key]
+
+    def _quorum(self) -> None:
+        started = time.monotonic()
+        deadline = started + self.quorum_timeout
+        self._retire_epoch("re-quorum")
+        while True:
+            self._check_client()
+            generation = self._client.generation
+            with self._cond:
+                self._epoch_message = None
+            sent = self._client.send({"type": "quorum", "step": self._step})
+            message = self._wait_epoch_message(generation, sent, deadline)
+            if message is None:
+                continue
+            info = EpochInfo.from_message(message)
+            ctx = _EpochContext(info=info, abort=AbortSignal())
+            with self._cond:
+                self._ctx = ctx
+                for (number, _), decision in self._decisions.items():
+                    if number == info.number and not decision["ok"]:
+                        ctx.abort.abort(str(decision.get("reason")))
+            if not self._build_group(ctx):
+                self._retire_epoch("rendezvous failed")
+                continue
+            self._need_quorum = False
+            self._last_epoch = info.number
+            self._last_members = list(info.replicas)
+            self.metrics.epochs += 1
+            self._after_quorum(ctx)
+            self.metrics.quorum_seconds = time.monotonic() - started
+            log.info(
+                "epoch %d: rank %d/%d, members %s, step %d (quorum %.1f ms)",
+                info.number,
+                info.rank,
+                info.world_size,
+                list(info.group_replicas),
+                self._step,
+                self.metrics.quorum_seconds * 1e3,
+            )
+            return
+
+    def _after_quorum(self, ctx: _EpochContext) -> None:
+        """Bring this worker to the epoch's step (healing happens in subclasses/mixins)."""
+        if self._step < ctx.info.max_step:
+            log.warning(
+                "worker %s is at step %d, epoch %d is at step %d: adopting the step count "
+                "(no replicated state registered to heal)",
+                self.replica_id,
+                self._step,
+                ctx.info.number,
+                ctx.info.max_step,
+            )
+            self._step = ctx.info.max_step
+
+    def _wait_epoch_message(
+        self, generation: int, sent: bool, deadline: float
+    ) -> dict[str, Any] | None:
+        next_log = time.monotonic() + 10.0
+        with self._cond:
+            while self._epoch_message is None:
+                self._check_client()
+                now = time.monotonic()
+                if now >= deadline:
+                    raise TimeoutError(
+                        f"no quorum within {self.quorum_timeout:.0f}s (replica {self.replica_id}); "
+                        "are enough workers running (min_workers)?"
+                    )
+                if not sent or self._client.generation != generation:
+                    if not self._client.connected:
+                        self._cond.wait(0.1)
+                        if not self._client.connected:
+                            continue
+                    return None  # (re)connected: send the request again
+                if now >= next_log:
+                    log.info("replica %s waiting for a quorum...", self.replica_id)
+                    next_log = now + 10.0
+                self._cond.wait(min(0.5, deadline - now))
+            return self._epoch_message
+
+    def _build_group(self, ctx: _EpochContext) -> bool:
+        info = ctx.info
+        pg = None
+        if info.world_size > 1:
+            store = self._get_store()
+            pg, err = build_with_abort(
+                lambda: new_process_group(
+                    self.backend,
+                    store,
+                    info,
+                    self.timeout,
+                    self._client.local_address,
+                    self.device.index if self.device.type == "cuda" else None,
+                ),
+                ctx.abort,
+                self.timeout,
+            )
+            if pg is None:
+                log.warning("epoch %d: %s", info.number, err)
+                return False
+        ctx.comm = Communicator(
+            pg=pg,
+            rank=info.rank,
+            world_size=info.world_size,
+            abort=ctx.abort,
+            pool=self.pool,
+            graveyard=self.graveyard,
+            timeout=self.timeout,
+            fail=self.fail_step,
+            epoch=info.number,
+            device=self.device,
+        )
+        return True
+
+    def _get_store(self) -> Any:
+        if self._store is None or self._store_generation != self._client.generation:
+            self._store = dist.TCPStore(
+                self._client.host,
+                self._client.store_port,
+                is_master=False,
+                timeout=timedelta(seconds=self.timeout),
+                wait_for_workers=False,
+            )
+            self._store_generation = self._client.generation
+        return self._store
+
+    def _retire_epoch(self, reason: str) -> None:
+        """Abandon the current epoch's group; pending ops stay alive in the graveyard."""
+        ctx = self._ctx
+        if ctx is None:
+            return
+        ctx.abort.abort(reason)
+        if ctx.comm is not None:
+            self._bytes_retired += ctx.comm.bytes_sent
+            if ctx.comm.pg is not None:
+                self.graveyard.retire_group(ctx.comm.pg)
+        self._ctx = None
