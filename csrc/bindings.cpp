@@ -1,0 +1,215 @@
+// Python bindings of the CPU kernels: argument checks, dtype dispatch, thread count from
+// torch.get_num_threads(), GIL released while a kernel runs. The Python wrappers in
+// src/lococomm/ops/kernels.py validate user input first; the checks here guard the pointers.
+#include <torch/extension.h>
+
+#include <optional>
+
+#include "kernels.h"
+
+namespace {
+
+using lococomm::QuantMode;
+using lococomm::QuantParams;
+
+void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+void check_f32(const at::Tensor& t, const char* name, int64_t numel) {
+  check_cpu(t, name);
+  TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32");
+  TORCH_CHECK(t.numel() == numel, name, " must have ", numel, " elements, got ", t.numel());
+}
+
+const float* opt_ptr(const std::optional<at::Tensor>& t, const char* name, int64_t n) {
+  if (!t.has_value()) return nullptr;
+  check_f32(*t, name, n);
+  return t->data_ptr<float>();
+}
+
+float* opt_mut_ptr(const std::optional<at::Tensor>& t, const char* name, int64_t n) {
+  if (!t.has_value()) return nullptr;
+  check_f32(*t, name, n);
+  return t->data_ptr<float>();
+}
+
+// Calls f with a typed pointer of x (float32, float16 or bfloat16).
+template <typename F>
+auto with_input(const at::Tensor& x, F&& f) {
+  check_cpu(x, "x");
+  switch (x.scalar_type()) {
+    case at::kFloat:
+      return f(x.data_ptr<float>());
+    case at::kHalf:
+      return f(x.data_ptr<c10::Half>());
+    case at::kBFloat16:
+      return f(x.data_ptr<c10::BFloat16>());
+    default:
+      TORCH_CHECK(false, "unsupported dtype ", x.scalar_type(),
+                  " (expected float32, float16 or bfloat16)");
+  }
+}
+
+int64_t quantize(const at::Tensor& x, const std::optional<at::Tensor>& state,
+                 const std::optional<at::Tensor>& state_out, at::Tensor& codes,
+                 at::Tensor& scales, int64_t bits, int64_t block, bool stochastic, int64_t k0,
+                 int64_t k1, int64_t index_offset, bool propagate, int64_t mode) {
+  TORCH_CHECK(bits == 8 || bits == 4 || bits == 2, "bits must be 8, 4 or 2");
+  const int64_t n = x.numel();
+  const int64_t per = 8 / bits;
+  TORCH_CHECK(block > 0 && block % per == 0, "block must be a positive multiple of ", per);
+  check_cpu(codes, "codes");
+  TORCH_CHECK(codes.element_size() == 1 && codes.numel() == (n + per - 1) / per,
+              "codes must hold ", (n + per - 1) / per, " bytes");
+  check_f32(scales, "scales", (n + block - 1) / block);
+  TORCH_CHECK(mode >= 0 && mode <= 2, "mode must be 0, 1 or 2");
+  TORCH_CHECK(mode == 0 || (state.has_value() && state_out.has_value()),
+              "EF modes need state and state_out");
+  const float* s = opt_ptr(state, "state", n);
+  float* so = opt_mut_ptr(state_out, "state_out", n);
+  QuantParams qp;
+  qp.bits = static_cast<int>(bits);
+  qp.block = block;
+  qp.stochastic = stochastic;
+  qp.k0 = static_cast<uint32_t>(k0);
+  qp.k1 = static_cast<uint32_t>(k1);
+  qp.index_offset = static_cast<uint64_t>(index_offset);
+  qp.propagate = propagate;
+  qp.nthreads = at::get_num_threads();
+  auto* c = static_cast<uint8_t*>(codes.data_ptr());
+  float* sc = scales.data_ptr<float>();
+  return with_input(x, [&](auto* xp) {
+    pybind11::gil_scoped_release nogil;
+    return lococomm::quantize_blocks(xp, s, so, n, c, sc, qp, static_cast<QuantMode>(mode));
+  });
+}
+
+void dequantize(const at::Tensor& codes, const at::Tensor& scales, at::Tensor& out, int64_t bits,
+                int64_t block, bool accumulate) {
+  TORCH_CHECK(bits == 8 || bits == 4 || bits == 2, "bits must be 8, 4 or 2");
+  const int64_t n = out.numel();
+  const int64_t per = 8 / bits;
+  TORCH_CHECK(block > 0 && block % per == 0, "block must be a positive multiple of ", per);
+  check_cpu(codes, "codes");
+  TORCH_CHECK(codes.element_size() == 1 && codes.numel() == (n + per - 1) / per,
+              "codes must hold ", (n + per - 1) / per, " bytes");
+  check_f32(scales, "scales", (n + block - 1) / block);
+  check_f32(out, "out", n);
+  const auto* c = static_cast<const uint8_t*>(codes.data_ptr());
+  const float* sc = scales.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  const int nt = at::get_num_threads();
+  pybind11::gil_scoped_release nogil;
+  lococomm::dequantize_blocks(c, sc, o, n, static_cast<int>(bits), block, accumulate, nt);
+}
+
+int64_t topk_global(const at::Tensor& x, const std::optional<at::Tensor>& state,
+                    const std::optional<at::Tensor>& state_out, int64_t k, at::Tensor& values,
+                    at::Tensor& indices) {
+  const int64_t n = x.numel();
+  TORCH_CHECK(k >= 0 && k <= n, "k must be in [0, numel]");
+  TORCH_CHECK(state.has_value() == state_out.has_value(), "state and state_out go together");
+  check_f32(values, "values", k);
+  check_cpu(indices, "indices");
+  TORCH_CHECK(indices.scalar_type() == at::kInt && indices.numel() == k, "indices: int32[k]");
+  const float* s = opt_ptr(state, "state", n);
+  float* so = opt_mut_ptr(state_out, "state_out", n);
+  float* v = values.data_ptr<float>();
+  int32_t* ix = indices.data_ptr<int32_t>();
+  const int nt = at::get_num_threads();
+  return with_input(x, [&](auto* xp) {
+    pybind11::gil_scoped_release nogil;
+    return lococomm::topk_global(xp, s, so, n, k, v, ix, nt);
+  });
+}
+
+int64_t topk_chunked(const at::Tensor& x, const std::optional<at::Tensor>& state,
+                     const std::optional<at::Tensor>& state_out, int64_t chunk, int64_t k_chunk,
+                     int64_t k_last, at::Tensor& values, at::Tensor& indices) {
+  const int64_t n = x.numel();
+  TORCH_CHECK(chunk > 0 && chunk <= 65536, "chunk must be in [1, 65536]");
+  TORCH_CHECK(k_chunk >= 1 && k_chunk <= chunk, "k_chunk must be in [1, chunk]");
+  TORCH_CHECK(state.has_value() == state_out.has_value(), "state and state_out go together");
+  const int64_t nchunks = (n + chunk - 1) / chunk;
+  const int64_t last_len = n - (nchunks - 1) * chunk;
+  const int64_t total = n == 0 ? 0 : (nchunks - 1) * k_chunk + std::min(k_last, last_len);
+  check_f32(values, "values", total);
+  check_cpu(indices, "indices");
+  TORCH_CHECK(indices.element_size() == 2 && indices.numel() == total, "indices: 16-bit[total]");
+  const float* s = opt_ptr(state, "state", n);
+  float* so = opt_mut_ptr(state_out, "state_out", n);
+  float* v = values.data_ptr<float>();
+  auto* ix = static_cast<uint16_t*>(indices.data_ptr());
+  const int nt = at::get_num_threads();
+  return with_input(x, [&](auto* xp) {
+    pybind11::gil_scoped_release nogil;
+    return lococomm::topk_chunked(xp, s, so, n, chunk, k_chunk, k_last, v, ix, nt);
+  });
+}
+
+void nesterov_outer(at::Tensor& snapshot, at::Tensor& momentum, const at::Tensor& delta,
+                    const std::optional<at::Tensor>& local, double lr, double mu,
+                    double delta_scale, bool nesterov) {
+  const int64_t n = snapshot.numel();
+  check_f32(snapshot, "snapshot", n);
+  check_f32(momentum, "momentum", n);
+  check_f32(delta, "delta", n);
+  float* w = snapshot.data_ptr<float>();
+  float* m = momentum.data_ptr<float>();
+  const float* d = delta.data_ptr<float>();
+  const int nt = at::get_num_threads();
+  const auto lr_f = static_cast<float>(lr);
+  const auto mu_f = static_cast<float>(mu);
+  const auto sc_f = static_cast<float>(delta_scale);
+  if (!local.has_value()) {
+    pybind11::gil_scoped_release nogil;
+    lococomm::nesterov_outer<float>(w, m, d, nullptr, n, lr_f, mu_f, sc_f, nesterov, nt);
+    return;
+  }
+  TORCH_CHECK(local->numel() == n, "local must have ", n, " elements");
+  with_input(*local, [&](auto* lp) {
+    pybind11::gil_scoped_release nogil;
+    lococomm::nesterov_outer(w, m, d, lp, n, lr_f, mu_f, sc_f, nesterov, nt);
+    return 0;
+  });
+}
+
+void pseudo_gradient(const at::Tensor& snapshot, const at::Tensor& local, at::Tensor& out) {
+  const int64_t n = snapshot.numel();
+  check_f32(snapshot, "snapshot", n);
+  check_f32(out, "out", n);
+  TORCH_CHECK(local.numel() == n, "local must have ", n, " elements");
+  const float* w = snapshot.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  const int nt = at::get_num_threads();
+  with_input(local, [&](auto* lp) {
+    pybind11::gil_scoped_release nogil;
+    lococomm::pseudo_gradient(w, lp, o, n, nt);
+    return 0;
+  });
+}
+
+at::Tensor rng(int64_t k0, int64_t k1, int64_t offset, int64_t n) {
+  TORCH_CHECK(n >= 0, "n must be >= 0");
+  at::Tensor out = at::empty({n}, at::kLong);
+  lococomm::rng_fill(static_cast<uint32_t>(k0), static_cast<uint32_t>(k1),
+                     static_cast<uint64_t>(offset), n, out.data_ptr<int64_t>());
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "lococomm fused CPU kernels (see src/lococomm/ops for the torch references)";
+  // Bumped whenever a binding's signature or semantics change; Python refuses a mismatch.
+  m.attr("ABI_VERSION") = 1;
+  m.def("quantize", &quantize, "block-absmax quantise (+ EF state update)");
+  m.def("dequantize", &dequantize, "block dequantise (optionally += into out)");
+  m.def("topk_global", &topk_global, "exact top-k by magnitude (+ EF residual)");
+  m.def("topk_chunked", &topk_chunked, "per-chunk exact top-k (+ EF residual)");
+  m.def("nesterov_outer", &nesterov_outer, "fused DiLoCo SGD-Nesterov outer step");
+  m.def("pseudo_gradient", &pseudo_gradient, "out = snapshot - local");
+  m.def("rng", &rng, "counter-based RNG words (tests)");
+}

@@ -1,0 +1,72 @@
+// CPU kernels of lococomm on raw pointers. Tensor checks, dtype dispatch and the thread count
+// (torch.get_num_threads()) live in bindings.cpp; these files only do the maths, so they compile
+// without the heavy torch headers and every loop is easy to read next to its torch reference.
+//
+// Bit-exactness contract: each kernel performs exactly the fp32 operations of its reference in
+// src/lococomm/ops/reference.py, in the same order, one IEEE rounding per operation (the build
+// uses -ffp-contract=off so no FMA is formed). Block results never depend on the thread count.
+#pragma once
+
+#include <cstdint>
+
+namespace lococomm {
+
+// How the block quantiser treats its input.
+enum QuantMode : int {
+  kQuantPlain = 0,  // p = x                     (no state)
+  kQuantEF = 1,     // p = x + s ; s_out = p - D(Q(p))   classic error feedback
+  kQuantEF21 = 2,   // p = x - s ; s_out = s + D(Q(p))   EF21 (s is the local estimate h)
+};
+
+struct QuantParams {
+  int bits = 8;               // 8, 4 or 2
+  int64_t block = 256;        // elements per scale; multiple of codes_per_byte(bits)
+  bool stochastic = false;    // floor(v + u) instead of round-half-even
+  uint32_t k0 = 0, k1 = 0;    // RNG keys (ops.reference.rng_keys(seed))
+  uint64_t index_offset = 0;  // RNG index of element 0 (lets a chunk match a slice)
+  bool propagate = false;     // non-finite block -> NaN scale (else scale 0, caller raises)
+  int nthreads = 1;
+};
+
+// Quantises n elements into `codes` (ceil(n / codes_per_byte) bytes, int8 two's complement for
+// 8 bits, packed nibbles / crumbs little-end first otherwise) and one fp32 scale per block.
+// `state`/`state_out` are used by the EF modes (state_out may alias state). Returns the number of
+// blocks that contained inf/nan.
+template <typename T>
+int64_t quantize_blocks(const T* x, const float* state, float* state_out, int64_t n,
+                        uint8_t* codes, float* scales, const QuantParams& qp, QuantMode mode);
+
+// out = D(codes)  or, with accumulate, out += D(codes)  (fp32, one rounding per mul and add).
+void dequantize_blocks(const uint8_t* codes, const float* scales, float* out, int64_t n, int bits,
+                       int64_t block, bool accumulate, int nthreads);
+
+// Exact top-k by magnitude with ties broken towards the lower index; indices ascending.
+// With state (classic EF): p = x + s, s_out = p with the selected entries zeroed.
+// Returns the number of non-finite entries of p (then nothing is selected).
+template <typename T>
+int64_t topk_global(const T* x, const float* state, float* state_out, int64_t n, int64_t k,
+                    float* values, int32_t* indices, int nthreads);
+// The same per chunk of `chunk` elements (k_chunk each, k_last for a shorter last chunk);
+// indices are chunk-relative offsets stored as uint16 bit patterns.
+template <typename T>
+int64_t topk_chunked(const T* x, const float* state, float* state_out, int64_t n, int64_t chunk,
+                     int64_t k_chunk, int64_t k_last, float* values, uint16_t* indices,
+                     int nthreads);
+
+// DiLoCo outer step with SGD-Nesterov, fused with the pseudo-gradient scale:
+//   d = delta * delta_scale; m = mu * m + d; u = nesterov ? d + mu * m : m;
+//   snapshot = snapshot - lr * u; local = snapshot (converted to T) if local != nullptr.
+template <typename T>
+void nesterov_outer(float* snapshot, float* momentum, const float* delta, T* local, int64_t n,
+                    float lr, float mu, float delta_scale, bool nesterov, int nthreads);
+// out = snapshot - local (the pseudo-gradient of DiLoCo), fp32.
+template <typename T>
+void pseudo_gradient(const float* snapshot, const T* local, float* out, int64_t n, int nthreads);
+
+// n random words of the counter-based RNG starting at index `offset` (for tests).
+void rng_fill(uint32_t k0, uint32_t k1, uint64_t offset, int64_t n, int64_t* out);
+
+// Elements below which kernels stay on one thread (an OpenMP fork costs a few microseconds).
+constexpr int64_t kParallelGrain = 1 << 16;
+
+}  // namespace lococomm

@@ -1,0 +1,56 @@
+"""Fused numeric kernels of lococomm, each with a pure-PyTorch reference.
+
+=========================  ==========================================================  =====
+op                         what                                                        CUDA
+=========================  ==========================================================  =====
+quantize                   block-absmax int8/int4/int2, nearest or seeded stochastic   yes
+quantize(mode="ef")        ... fused with the EF residual: p = x + e, e' = p - D(Q(p))  yes
+quantize(mode="ef21")      ... fused with EF21: p = x - h, h' = h + D(Q(p))             yes
+dequantize                 code * scale                                                yes
+dequantize_accumulate_     acc += code * scale (ring reduce-scatter hop)               yes
+topk / topk_chunked        exact top-|p| (ties -> lower index) + EF residual          no
+nesterov_outer_            DiLoCo SGD-Nesterov outer step + copy to local params       no
+pseudo_gradient            snapshot - local                                            no
+rng_u32                    the counter-based RNG (seed, index) -> uint32               --
+=========================  ==========================================================  =====
+
+``backend(device)`` says which implementation runs: "cuda" (CUDA tensors, CUDA available and
+the extension built), "cpp" (CPU tensors, C++ extension built or prebuilt) or "torch" (the
+reference in ``ops.reference``). Ops without a CUDA kernel run the reference on CUDA tensors.
+
+Determinism: every backend produces bit-identical results for the same input bytes and seed,
+independent of the thread count (torch.get_num_threads() sets the kernels' OpenMP threads).
+"""
+
+from .kernels import (
+    FLOAT_DTYPES,
+    backend,
+    chunked_counts,
+    dequantize,
+    dequantize_accumulate_,
+    nesterov_outer_,
+    pseudo_gradient,
+    quantize,
+    rng_u32,
+    topk,
+    topk_chunked,
+)
+from .reference import k_of, num_blocks, packed_bytes, rng_keys
+
+__all__ = [
+    "FLOAT_DTYPES",
+    "backend",
+    "chunked_counts",
+    "dequantize",
+    "dequantize_accumulate_",
+    "k_of",
+    "nesterov_outer_",
+    "num_blocks",
+    "packed_bytes",
+    "pseudo_gradient",
+    "quantize",
+    "rng_keys",
+    "rng_u32",
+    "topk",
+    "topk_chunked",
+]

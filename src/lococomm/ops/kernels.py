@@ -1,0 +1,342 @@
+"""Fused ops with backend dispatch: C++ for CPU tensors, CUDA for CUDA tensors (quantiser ops),
+otherwise the PyTorch reference. All backends return bit-identical results (see reference.py).
+
+Every op takes ``impl=None | "torch" | "cpp" | "cuda"`` to force a backend (tests, benchmarks).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _build
+from . import reference as ref
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_IMPLS = ("torch", "cpp", "cuda")
+
+
+def backend(device: torch.device | str | None = None) -> str:
+    """Which backend runs the fused ops for tensors on `device`: "cuda", "cpp" or "torch".
+
+    Without a device: "cuda" if CUDA tensors would use the CUDA kernels, else the CPU backend.
+    """
+    dev = torch.device(device) if device is not None else None
+    if dev is None or dev.type == "cuda":
+        if torch.cuda.is_available() and _build.get("cuda") is not None:
+            return "cuda"
+        if dev is not None:
+            return "torch"
+    if dev is not None and dev.type != "cpu":
+        return "torch"
+    return "cpp" if _build.get("cpu") is not None else "torch"
+
+
+def _impl_for(t: torch.Tensor, impl: str | None, cuda_ok: bool = True) -> str:
+    if impl is not None:
+        if impl not in _IMPLS:
+            raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
+        if impl == "cpp" and (t.device.type != "cpu" or _build.get("cpu") is None):
+            raise RuntimeError(
+                f"cpp kernels unavailable for {t.device} tensors: {_build.unavailable_reason('cpu')}"
+            )
+        if impl == "cuda" and (not t.is_cuda or not cuda_ok or _build.get("cuda") is None):
+            raise RuntimeError(f"cuda kernels unavailable: {_build.unavailable_reason('cuda')}")
+        return impl
+    if t.is_cuda:
+        return "cuda" if cuda_ok and _build.get("cuda") is not None else "torch"
+    if t.device.type == "cpu":
+        return "cpp" if _build.get("cpu") is not None else "torch"
+    return "torch"
+
+
+def _check_float(x: torch.Tensor, what: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{what}: unsupported dtype {x.dtype} (expected float32/float16/bfloat16)")
+
+
+def _check_state(s: torch.Tensor, n: int, device: torch.device, what: str) -> None:
+    if not isinstance(s, torch.Tensor) or s.dtype != torch.float32:
+        raise TypeError(f"{what} must be a float32 tensor")
+    if s.numel() != n or not s.is_contiguous() or s.device != device:
+        raise ValueError(f"{what} must be contiguous with {n} elements on {device}")
+
+
+def _check_quant(bits: int, block: int) -> None:
+    if bits not in (8, 4, 2):
+        raise ValueError(f"bits must be 8, 4 or 2, got {bits}")
+    per = 8 // bits
+    if not isinstance(block, int) or block <= 0 or block % per:
+        raise ValueError(f"block must be a positive multiple of {per} for {bits}-bit codes")
+
+
+_MODES = {"plain": 0, "ef": 1, "ef21": 2}
+
+
+def quantize(
+    x: torch.Tensor,
+    bits: int,
+    block: int,
+    *,
+    stochastic: bool = False,
+    seed: int = 0,
+    index_offset: int = 0,
+    propagate: bool = False,
+    state: torch.Tensor | None = None,
+    state_out: torch.Tensor | None = None,
+    mode: str = "plain",
+    impl: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
+    """Block-absmax quantisation of x (any shape, read flat), optionally fused with EF.
+
+    Returns ``(codes, scales, state_out, bad_blocks)``: codes are int8 (8 bits) or packed uint8
+    (4/2 bits, ceil(n*bits/8) bytes), one fp32 scale per block of `block` elements. Modes:
+    "plain"; "ef" (p = x + state, state_out = p - D(Q(p))); "ef21" (p = x - state,
+    state_out = state + D(Q(p))). state_out may be `state` itself (in place) or None
+    (allocated). Stochastic rounding draws element i's number from (seed, index_offset + i).
+    Blocks holding inf/nan transmit nothing and are counted in bad_blocks (their scale is NaN
+    with propagate=True, else 0 and the caller should raise).
+    """
+    _check_float(x, "x")
+    _check_quant(bits, block)
+    if mode not in _MODES:
+        raise ValueError(f"mode must be one of {tuple(_MODES)}, got {mode!r}")
+    m = _MODES[mode]
+    flat = x.reshape(-1)
+    n = flat.numel()
+    if m:
+        if state is None:
+            raise ValueError(f"mode {mode!r} needs a state tensor")
+        _check_state(state, n, x.device, "state")
+        if state_out is None:
+            state_out = torch.empty_like(state)
+        else:
+            _check_state(state_out, n, x.device, "state_out")
+    keys = ref.rng_keys(seed) if stochastic else (0, 0)
+    which = _impl_for(flat, impl)
+    if which == "torch":
+        codes, scales, s_new, bad = ref.quantize_blocks(
+            flat, bits, block, stochastic=stochastic, keys=keys, index_offset=index_offset,
+            propagate=propagate, state=state, mode=m,
+        )  # fmt: skip
+        if m:
+            state_out.view(-1).copy_(s_new)
+        return codes, scales, state_out, bad
+    flat = flat.contiguous()
+    code_dtype = torch.int8 if bits == 8 else torch.uint8
+    codes = torch.empty(ref.packed_bytes(n, bits), dtype=code_dtype, device=x.device)
+    scales = torch.empty(ref.num_blocks(n, block), dtype=torch.float32, device=x.device)
+    mod = _build.get("cpu" if which == "cpp" else "cuda")
+    bad = mod.quantize(
+        flat, state, state_out, codes, scales, bits, block, stochastic,
+        keys[0], keys[1], index_offset, propagate, m,
+    )  # fmt: skip
+    return codes, scales, state_out, int(bad)
+
+
+def dequantize(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    n: int,
+    bits: int,
+    block: int,
+    *,
+    out: torch.Tensor | None = None,
+    accumulate: bool = False,
+    impl: str | None = None,
+) -> torch.Tensor:
+    """fp32 values code * scale (n of them); into `out` if given, added to it if accumulate."""
+    _check_quant(bits, block)
+    if codes.numel() != ref.packed_bytes(n, bits) or codes.element_size() != 1:
+        raise ValueError(f"codes must hold {ref.packed_bytes(n, bits)} bytes for {n} values")
+    if scales.numel() != ref.num_blocks(n, block) or scales.dtype != torch.float32:
+        raise ValueError(f"scales must be {ref.num_blocks(n, block)} float32 values")
+    if out is None:
+        if accumulate:
+            raise ValueError("accumulate needs an out tensor")
+        out = torch.empty(n, dtype=torch.float32, device=codes.device)
+    else:
+        _check_state(out, n, codes.device, "out")
+    which = _impl_for(codes, impl)
+    if which == "torch":
+        return ref.dequantize_blocks(codes, scales, n, bits, block, out=out, accumulate=accumulate)
+    mod = _build.get("cpu" if which == "cpp" else "cuda")
+    mod.dequantize(codes.contiguous(), scales.contiguous(), out, bits, block, accumulate)
+    return out
+
+
+def dequantize_accumulate_(
+    acc: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    bits: int,
+    block: int,
+    *,
+    impl: str | None = None,
+) -> torch.Tensor:
+    """acc += D(codes, scales), fused (acc: contiguous fp32; one rounding per mul and add)."""
+    return dequantize(codes, scales, acc.numel(), bits, block, out=acc, accumulate=True, impl=impl)
+
+
+def _prep_sparse(x, state, state_out):
+    _check_float(x, "x")
+    flat = x.reshape(-1)
+    n = flat.numel()
+    if state is not None:
+        _check_state(state, n, x.device, "state")
+        if state_out is None:
+            state_out = torch.empty_like(state)
+        else:
+            _check_state(state_out, n, x.device, "state_out")
+    elif state_out is not None:
+        raise ValueError("state_out given without state")
+    return flat, n, state_out
+
+
+def topk(
+    x: torch.Tensor,
+    k: int,
+    *,
+    state: torch.Tensor | None = None,
+    state_out: torch.Tensor | None = None,
+    impl: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
+    """Exact top-k of |p|, p = x (+ state), ties to the lower index, indices ascending (int32).
+
+    With a state (classic EF) state_out = p with the selection zeroed. Returns
+    ``(values, indices, state_out, nonfinite)``; with non-finite p nothing is selected.
+    """
+    flat, n, state_out = _prep_sparse(x, state, state_out)
+    if not 0 <= k <= n:
+        raise ValueError(f"k must be in [0, {n}], got {k}")
+    which = _impl_for(flat, impl, cuda_ok=False)
+    if which == "torch":
+        v, i, s_new, bad = ref.topk_select(flat, k, state=state)
+        if state is not None:
+            state_out.view(-1).copy_(s_new)
+        return v, i, state_out, bad
+    values = torch.empty(k, dtype=torch.float32)
+    indices = torch.empty(k, dtype=torch.int32)
+    bad = _build.get("cpu").topk_global(flat.contiguous(), state, state_out, k, values, indices)
+    if bad:
+        return values[:0], indices[:0], state_out, int(bad)
+    return values, indices, state_out, 0
+
+
+def chunked_counts(n: int, chunk: int, k_chunk: int, k_last: int) -> int:
+    """Number of entries a chunked top-k keeps out of n."""
+    if n == 0:
+        return 0
+    nch = (n + chunk - 1) // chunk
+    return (nch - 1) * k_chunk + min(k_last, n - (nch - 1) * chunk)
+
+
+def topk_chunked(
+    x: torch.Tensor,
+    chunk: int,
+    k_chunk: int,
+    k_last: int,
+    *,
+    state: torch.Tensor | None = None,
+    state_out: torch.Tensor | None = None,
+    impl: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
+    """Top-k per chunk of `chunk` elements (k_chunk each; min(k_last, len) for the last).
+
+    Indices are chunk-relative and stored as uint16 bit patterns in an int16 tensor.
+    """
+    flat, n, state_out = _prep_sparse(x, state, state_out)
+    if not 1 <= chunk <= 65536:
+        raise ValueError(f"chunk must be in [1, 65536] (16-bit offsets), got {chunk}")
+    if not 1 <= k_chunk <= chunk or k_last < 1:
+        raise ValueError("need 1 <= k_chunk <= chunk and k_last >= 1")
+    which = _impl_for(flat, impl, cuda_ok=False)
+    if which == "torch":
+        v, i, s_new, bad = ref.topk_chunked_select(flat, chunk, k_chunk, k_last, state=state)
+        if state is not None:
+            state_out.view(-1).copy_(s_new)
+        return v, i, state_out, bad
+    total = chunked_counts(n, chunk, k_chunk, k_last)
+    values = torch.empty(total, dtype=torch.float32)
+    indices = torch.empty(total, dtype=torch.int16)
+    bad = _build.get("cpu").topk_chunked(
+        flat.contiguous(), state, state_out, chunk, k_chunk, k_last, values, indices
+    )
+    if bad:
+        return values[:0], indices[:0], state_out, int(bad)
+    return values, indices, state_out, 0
+
+
+def nesterov_outer_(
+    snapshot: torch.Tensor,
+    momentum: torch.Tensor,
+    delta: torch.Tensor,
+    *,
+    lr: float,
+    mu: float,
+    delta_scale: float = 1.0,
+    nesterov: bool = True,
+    local: torch.Tensor | None = None,
+    impl: str | None = None,
+) -> None:
+    """DiLoCo outer step (SGD with Nesterov momentum) in one pass, in place.
+
+    d = delta * delta_scale (e.g. 1/world on a summed pseudo-gradient); m = mu*m + d;
+    u = d + mu*m (nesterov) or m; snapshot -= lr*u; local (fp32/16/bf16) <- snapshot.
+    snapshot, momentum and delta are contiguous fp32 tensors of equal size.
+    """
+    n = snapshot.numel()
+    _check_state(snapshot, n, snapshot.device, "snapshot")
+    _check_state(momentum, n, snapshot.device, "momentum")
+    _check_state(delta, n, snapshot.device, "delta")
+    if local is not None:
+        _check_float(local, "local")
+        if local.numel() != n or not local.is_contiguous():
+            raise ValueError(f"local must be contiguous with {n} elements")
+    which = _impl_for(snapshot, impl, cuda_ok=False)
+    if which == "torch":
+        ref.nesterov_outer_(
+            snapshot, momentum, delta, lr=lr, mu=mu, delta_scale=delta_scale,
+            nesterov=nesterov, local=local,
+        )  # fmt: skip
+        return
+    _build.get("cpu").nesterov_outer(
+        snapshot, momentum, delta, local, float(lr), float(mu), float(delta_scale), nesterov
+    )
+
+
+def pseudo_gradient(
+    snapshot: torch.Tensor,
+    local: torch.Tensor,
+    out: torch.Tensor | None = None,
+    *,
+    impl: str | None = None,
+) -> torch.Tensor:
+    """snapshot - local in fp32 (DiLoCo's pseudo-gradient), into `out` if given."""
+    n = snapshot.numel()
+    _check_state(snapshot, n, snapshot.device, "snapshot")
+    _check_float(local, "local")
+    if local.numel() != n:
+        raise ValueError(f"local must have {n} elements")
+    if out is None:
+        out = torch.empty_like(snapshot)
+    else:
+        _check_state(out, n, snapshot.device, "out")
+    which = _impl_for(snapshot, impl, cuda_ok=False)
+    if which == "torch":
+        return ref.pseudo_gradient(snapshot, local, out)
+    _build.get("cpu").pseudo_gradient(snapshot, local.contiguous(), out)
+    return out
+
+
+def rng_u32(seed: int, offset: int, n: int, *, impl: str | None = None) -> torch.Tensor:
+    """n words (int64 holding uint32) of the counter-based RNG from element index `offset`."""
+    keys = ref.rng_keys(seed)
+    if impl is None:
+        impl = "cpp" if _build.get("cpu") is not None else "torch"
+    if impl == "torch":
+        return ref.rng_u32(keys, offset, n)
+    if _build.get("cpu") is None:
+        raise RuntimeError(f"cpp kernels unavailable: {_build.unavailable_reason('cpu')}")
+    return _build.get("cpu").rng(keys[0], keys[1], offset, n)

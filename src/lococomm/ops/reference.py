@@ -1,0 +1,324 @@
+"""Pure-PyTorch references of every fused kernel: the oracle the C++ and CUDA kernels are tested
+against, and the fallback when no compiler is available.
+
+Each function performs the same fp32 operations as its kernel in ``csrc/`` in the same order,
+one IEEE rounding per operation (the kernels are built with ``-ffp-contract=off``), so results
+are bit-identical. Two traps this file avoids on purpose: ``c / tensor`` in torch is computed as
+``reciprocal(tensor) * c`` (not a true division), and ``add_(x, alpha=a)`` may use an FMA; both
+would differ from the kernels in the last bit.
+
+Randomness is a counter-based hash: element ``i`` of a stream keyed by ``seed`` gets
+``mix32(mix32(lo32(i) + k0) ^ mix32(hi32(i) ^ k1))`` with ``(k0, k1) = rng_keys(seed)`` and
+``mix32`` the "lowbias32" integer hash. It needs no state, so any chunk of a tensor can be
+encoded independently and still draw the same numbers as the whole.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+MASK32 = 0xFFFFFFFF
+
+
+# ---------------------------------------------------------------------------------------------
+# Counter-based RNG
+# ---------------------------------------------------------------------------------------------
+def mix32_int(x: int) -> int:
+    """lowbias32 hash of a Python int (taken modulo 2^32)."""
+    x &= MASK32
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & MASK32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & MASK32
+    x ^= x >> 16
+    return x
+
+
+def rng_keys(seed: int) -> tuple[int, int]:
+    """Derives the two 32-bit stream keys from an integer seed (taken modulo 2^64)."""
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    s = seed & 0xFFFFFFFFFFFFFFFF
+    k0 = mix32_int((s & MASK32) ^ 0x9E3779B9)
+    k1 = mix32_int(((s >> 32) & MASK32) ^ k0 ^ 0x85EBCA6B)
+    return k0, k1
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2^32 for int64 x in [0, 2^32) without any int64 overflow."""
+    lo, hi = c & 0xFFFF, c >> 16
+    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & MASK32
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 on an int64 tensor holding 32-bit words."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def rng_u32(keys: tuple[int, int], offset: int, n: int, device=None) -> torch.Tensor:
+    """Random 32-bit words (as int64) for element indices offset .. offset + n - 1."""
+    k0, k1 = keys
+    idx = torch.arange(offset, offset + n, dtype=torch.int64, device=device)
+    lo = idx & MASK32
+    kh = mix32((idx >> 32) ^ k1)
+    return mix32(mix32((lo + k0) & MASK32) ^ kh)
+
+
+def rng_unit(keys: tuple[int, int], offset: int, n: int, device=None) -> torch.Tensor:
+    """Uniform fp32 numbers in [0, 1) with 24 random bits each (exact, no rounding)."""
+    return (rng_u32(keys, offset, n, device) >> 8).to(torch.float32) * (2.0**-24)
+
+
+# ---------------------------------------------------------------------------------------------
+# Block-absmax quantiser
+# ---------------------------------------------------------------------------------------------
+def qmax_of_bits(bits: int) -> int:
+    return (1 << (bits - 1)) - 1
+
+
+def packed_bytes(n: int, bits: int) -> int:
+    """Bytes of n packed codes of `bits` bits each."""
+    per = 8 // bits
+    return (n + per - 1) // per
+
+
+def num_blocks(n: int, block: int) -> int:
+    return (n + block - 1) // block
+
+
+def pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Packs int codes in [-qmax, qmax] (two's complement, little end first) into bytes."""
+    if bits == 8:
+        return q.to(torch.int8)
+    per = 8 // bits
+    n = q.numel()
+    padded = torch.zeros(packed_bytes(n, bits) * per, dtype=torch.int64, device=q.device)
+    padded[:n] = q.to(torch.int64) & ((1 << bits) - 1)
+    shifts = torch.arange(per, dtype=torch.int64, device=q.device) * bits
+    return (padded.view(-1, per) << shifts).sum(1).to(torch.uint8)
+
+
+def unpack_codes(codes: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of pack_codes: n signed codes as int64."""
+    if bits == 8:
+        return codes.view(torch.int8)[:n].to(torch.int64)
+    per = 8 // bits
+    shifts = torch.arange(per, dtype=torch.int64, device=codes.device) * bits
+    v = (codes.to(torch.int64).view(-1, 1) >> shifts) & ((1 << bits) - 1)
+    v = torch.where(v >= (1 << (bits - 1)), v - (1 << bits), v)
+    return v.reshape(-1)[:n]
+
+
+def quantize_blocks(
+    x: torch.Tensor,
+    bits: int,
+    block: int,
+    *,
+    stochastic: bool = False,
+    keys: tuple[int, int] = (0, 0),
+    index_offset: int = 0,
+    propagate: bool = False,
+    state: torch.Tensor | None = None,
+    mode: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
+    """Block-absmax quantisation of flat x, optionally fused with an EF state update.
+
+    mode 0: p = x.                 mode 1 (EF):   p = x + s, s_out = p - D(Q(p)).
+    mode 2 (EF21): p = x - s, s_out = s + D(Q(p)).
+    A block holding inf/nan transmits nothing: codes 0, scale NaN (propagate) or 0, and the
+    state keeps the untransmitted value (s_out = p for EF, s for EF21).
+    Returns (codes, scales, s_out, number of non-finite blocks).
+    """
+    n = x.numel()
+    qmax = qmax_of_bits(bits)
+    nb = num_blocks(n, block)
+    p = x.reshape(-1).to(torch.float32)
+    if mode == 1:
+        p = p + state.reshape(-1)
+    elif mode == 2:
+        p = p - state.reshape(-1)
+    padded = torch.zeros(nb * block, dtype=torch.float32, device=x.device)
+    padded[:n] = p
+    blocks = padded.view(nb, block)
+    finite = torch.isfinite(blocks).all(1)
+    absmax = blocks.abs().amax(1)
+    qmax_t = torch.tensor(float(qmax), dtype=torch.float32, device=x.device)
+    bad_scale = float("nan") if propagate else 0.0
+    scales = torch.where(finite, torch.div(absmax, qmax_t), torch.full_like(absmax, bad_scale))
+    safe = torch.where(finite & (absmax > 0), absmax, torch.ones_like(absmax))
+    inv = torch.where(finite & (absmax > 0), torch.div(qmax_t, safe), torch.zeros_like(absmax))
+    v = blocks * inv[:, None]
+    if stochastic:
+        u = rng_unit(keys, index_offset, nb * block, x.device).view(nb, block)
+        r = torch.floor(v + u)
+    else:
+        r = torch.round(v)
+    r = r.clamp(-qmax, qmax)
+    r = torch.where(finite[:, None], r, torch.zeros_like(r))
+    q = r.reshape(-1)[:n].to(torch.int64)
+    codes = pack_codes(q, bits)
+    s_out = None
+    if mode != 0:
+        rq = q.to(torch.float32)  # +0.0 for a zero code, as in the kernel
+        per_elem = torch.repeat_interleave(scales, block)[:n]
+        fin_elem = torch.repeat_interleave(finite, block)[:n]
+        s = state.reshape(-1)
+        if mode == 1:
+            s_out = torch.where(fin_elem, p - rq * per_elem, p)
+        else:
+            s_out = torch.where(fin_elem, s + rq * per_elem, s)
+    return codes, scales, s_out, int((~finite).sum())
+
+
+def dequantize_blocks(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    n: int,
+    bits: int,
+    block: int,
+    *,
+    out: torch.Tensor | None = None,
+    accumulate: bool = False,
+) -> torch.Tensor:
+    """D(codes) = code * scale of its block, written to (or, with accumulate, added to) out."""
+    q = unpack_codes(codes, bits, n).to(torch.float32)
+    d = q * torch.repeat_interleave(scales, block)[:n]
+    if out is None:
+        return d
+    flat = out.view(-1)
+    if accumulate:
+        flat.add_(d)
+    else:
+        flat.copy_(d)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Top-k by magnitude
+# ---------------------------------------------------------------------------------------------
+def _select_mask(a: torch.Tensor, k: int) -> torch.Tensor:
+    """Mask of the k largest entries of a (1-D, >= 0); ties broken towards the lower index."""
+    n = a.numel()
+    if k >= n:
+        return torch.ones(n, dtype=torch.bool, device=a.device)
+    thresh = torch.topk(a, k, sorted=False).values.min()
+    gt = a > thresh
+    eq = a == thresh
+    need = k - int(gt.sum())
+    return gt | (eq & (torch.cumsum(eq.to(torch.int64), 0) <= need))
+
+
+def topk_select(
+    x: torch.Tensor, k: int, *, state: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
+    """Exact top-k of |p| (p = x (+ state)), indices ascending, int32.
+
+    Returns (values, indices, s_out, nonfinite) with s_out = p with the selection zeroed when
+    a state is given; with non-finite p nothing is selected (empty values).
+    """
+    p = x.reshape(-1).to(torch.float32)
+    if state is not None:
+        p = p + state.reshape(-1)
+    bad = int((~torch.isfinite(p)).sum())
+    s_out = p.clone() if state is not None else None
+    if bad:
+        return p[:0], torch.zeros(0, dtype=torch.int32), s_out, bad
+    k = min(k, p.numel())
+    mask = _select_mask(p.abs(), k) if k > 0 else torch.zeros_like(p, dtype=torch.bool)
+    idx = mask.nonzero().reshape(-1)
+    if s_out is not None:
+        s_out[idx] = 0.0
+    return p[idx], idx.to(torch.int32), s_out, 0
+
+
+def topk_chunked_select(
+    x: torch.Tensor,
+    chunk: int,
+    k_chunk: int,
+    k_last: int,
+    *,
+    state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
+    """Per-chunk exact top-k: k_chunk per full chunk, min(k_last, len) for the last one.
+
+    Indices are chunk-relative offsets stored as the bit pattern of uint16 in an int16 tensor.
+    """
+    p = x.reshape(-1).to(torch.float32)
+    if state is not None:
+        p = p + state.reshape(-1)
+    n = p.numel()
+    bad = int((~torch.isfinite(p)).sum())
+    s_out = p.clone() if state is not None else None
+    if bad or n == 0:
+        return p[:0], torch.zeros(0, dtype=torch.int16), s_out, bad
+    nch = (n + chunk - 1) // chunk
+    masks = []
+    full = nch - 1
+    if full:
+        a = p[: full * chunk].abs().view(full, chunk)
+        k = min(k_chunk, chunk)
+        if k >= chunk:
+            masks.append(torch.ones(full * chunk, dtype=torch.bool))
+        else:
+            thresh = torch.topk(a, k, dim=1, sorted=False).values.min(1, keepdim=True).values
+            gt = a > thresh
+            eq = a == thresh
+            need = k - gt.sum(1, keepdim=True)
+            masks.append((gt | (eq & (torch.cumsum(eq.to(torch.int64), 1) <= need))).reshape(-1))
+    last = p[full * chunk :]
+    masks.append(_select_mask(last.abs(), min(k_last, last.numel())))
+    mask = torch.cat(masks)
+    idx = mask.nonzero().reshape(-1)
+    if s_out is not None:
+        s_out[idx] = 0.0
+    local = (idx % chunk).to(torch.int32)
+    local16 = torch.where(local >= 32768, local - 65536, local).to(torch.int16)
+    return p[idx], local16, s_out, 0
+
+
+# ---------------------------------------------------------------------------------------------
+# DiLoCo outer step
+# ---------------------------------------------------------------------------------------------
+def nesterov_outer_(
+    snapshot: torch.Tensor,
+    momentum: torch.Tensor,
+    delta: torch.Tensor,
+    *,
+    lr: float,
+    mu: float,
+    delta_scale: float = 1.0,
+    nesterov: bool = True,
+    local: torch.Tensor | None = None,
+) -> None:
+    """d = delta * delta_scale; m = mu * m + d; u = d + mu * m (Nesterov) or m;
+    snapshot -= lr * u; local <- snapshot. All fp32, in place."""
+    d = delta * delta_scale
+    momentum.mul_(mu).add_(d)
+    u = d + momentum * mu if nesterov else momentum
+    snapshot.sub_(u * lr)
+    if local is not None:
+        local.view(-1).copy_(snapshot.view(-1))
+
+
+def pseudo_gradient(
+    snapshot: torch.Tensor, local: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """snapshot - local in fp32 (DiLoCo's outer gradient)."""
+    res = snapshot.view(-1) - local.reshape(-1).to(torch.float32)
+    if out is None:
+        return res
+    out.view(-1).copy_(res)
+    return out
+
+
+def k_of(ratio: float, n: int) -> int:
+    """Entries kept by a ratio-r sparsifier out of n: round half up, at least 1 (n > 0)."""
+    if n <= 0:
+        return 0
+    return min(n, max(1, math.floor(ratio * n + 0.5)))
