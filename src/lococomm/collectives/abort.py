@@ -45,7 +45,11 @@ class AbortSignal:
             self._cond.notify_all()
 
     def watch(self, work: Any) -> None:
-        """Make `work`'s completion wake waiters of this signal."""
+        """Make `work`'s completion wake waiters of this signal.
+
+        Gloo marks the future done (running callbacks) *before* `work.is_completed()` turns
+        True, so waiters test `done(work)`, never `is_completed()`, or they miss the wakeup.
+        """
         work.get_future().add_done_callback(self.notify)
 
     def wait_works(self, works: Sequence[Any], deadline: float) -> str | None:
@@ -55,7 +59,7 @@ class AbortSignal:
         """
         with self._cond:
             while True:
-                if all(w.is_completed() for w in works):
+                if all(done(w) for w in works):
                     break
                 if self._reason is not None:
                     return f"aborted: {self._reason}"
@@ -81,6 +85,11 @@ class AbortSignal:
                     return "timed out"
                 self._cond.wait(min(remaining, _POLL_SECONDS))
         return None
+
+
+def done(work: Any) -> bool:
+    """True once `work` finished (successfully or not), consistent with `watch` callbacks."""
+    return work.get_future().done() or work.is_completed()
 
 
 def _short(e: BaseException) -> str:

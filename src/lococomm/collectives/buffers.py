@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from lococomm.collectives.abort import done
+
 
 class BufferPool:
     """LRU pool of flat tensors keyed by (dtype, device, numel), capped in bytes."""
@@ -70,7 +72,7 @@ class Graveyard:
         self._lock = threading.Lock()
 
     def bury(self, works: list[Any], keep_alive: list[Any]) -> None:
-        pending = [w for w in works if not w.is_completed()]
+        pending = [w for w in works if not done(w)]
         if pending:
             with self._lock:
                 self._items.append((pending, keep_alive))
@@ -86,7 +88,7 @@ class Graveyard:
     def prune(self) -> int:
         """Forget entries whose works all finished; returns how many are still pending."""
         with self._lock:
-            self._items = [(w, k) for w, k in self._items if not all(x.is_completed() for x in w)]
+            self._items = [(w, k) for w, k in self._items if not all(done(x) for x in w)]
             if not self._items:
                 self._groups.clear()
             return len(self._items)

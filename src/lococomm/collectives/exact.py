@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from lococomm.collectives import signature
+from lococomm.collectives.abort import done
 from lococomm.collectives.communicator import Communicator, Handle
 
 REDUCE_OPS = {"sum": 1, "mean": 2, "max": 3, "min": 4}
@@ -127,7 +128,7 @@ def _allreduce_owned(comm, tensor, chunks, opts, scale, description) -> Handle:
 
 
 def _fail_owned(comm, tensor, backup, works, err, description) -> bool:
-    pending = [w for w in works if not w.is_completed()]
+    pending = [w for w in works if not done(w)]
     with torch.no_grad():
         if pending:
             # A zombie op may still write into the tensor's storage: move the tensor onto the
@@ -176,7 +177,7 @@ def _allreduce_private(comm, tensor, chunks, opts, scale, description) -> Handle
 
 
 def _fail_private(comm, buf, works, err, description) -> bool:
-    if any(not w.is_completed() for w in works):
+    if any(not done(w) for w in works):
         comm.graveyard.bury(works, [buf])
     else:
         comm.pool.put(buf)

@@ -108,7 +108,7 @@ def build_with_abort(build: Any, abort: AbortSignal, timeout: float) -> tuple[An
     def target() -> None:
         try:
             box["pg"] = build()
-        except BaseException as e:  # noqa: BLE001 - reported to the waiting thread
+        except BaseException as e:
             box["error"] = e
         abort.notify()
 

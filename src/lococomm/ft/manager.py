@@ -328,7 +328,7 @@ class Manager:
 
     def allgather(
         self, tensor: torch.Tensor, async_op: bool = False, name: str = "", verify: bool = True
-    ) -> torch.Tensor | None | Handle:
+    ) -> torch.Tensor | Handle | None:
         """Gather `tensor` from every member: a new [world_size, *shape] tensor, None on failure."""
         comm = self._comm_for("allgather")
         handle = self._guard(lambda: exact.allgather(comm, tensor, name, verify), None)

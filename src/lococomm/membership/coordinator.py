@@ -53,6 +53,8 @@ class Coordinator:
         join_timeout: seconds a quorum waits for freshly registered workers.
         quorum_timeout: seconds a quorum waits for members of the last epoch.
         recovery_timeout: after a restart, seconds to wait for the previous members to return.
+        initial_workers: replicas the first epoch waits for (default min_workers), at most
+            quorum_timeout seconds; later epochs only need min_workers.
         store_port: port of the hosted TCPStore (0 picks a free one).
     """
 
@@ -67,6 +69,7 @@ class Coordinator:
         quorum_timeout: float = 60.0,
         recovery_timeout: float = 5.0,
         store_port: int = 0,
+        initial_workers: int | None = None,
     ) -> None:
         if token is None:
             import os
@@ -86,6 +89,7 @@ class Coordinator:
             join_timeout=join_timeout,
             quorum_timeout=quorum_timeout,
             recovery_timeout=recovery_timeout,
+            initial_workers=initial_workers,
             now=time.monotonic(),
         )
         self._store_port_requested = store_port

@@ -21,7 +21,8 @@ Worker states (one registered connection = one worker = one rank of one replica 
               |   again                                 |   newcomer is a new worker (healed)
 
 A quorum (the next epoch) forms only when no epoch is live, every healthy replica of the last
-epoch is ready (all its ranks waiting), at least `min_workers` replicas are ready, and no
+epoch is ready (all its ranks waiting), at least `min_workers` replicas are ready (at least
+`initial_workers` for the coordinator's first epoch, bounded by `quorum_timeout`), and no
 freshly registered worker is still expected (bounded by `join_timeout`; after a coordinator
 restart, by `recovery_timeout` for the members the workers report from their last epoch).
 Required replicas that never ask are dropped after `quorum_timeout`.
@@ -110,6 +111,7 @@ class QuorumState:
         join_timeout: float = 0.5,
         quorum_timeout: float = 60.0,
         recovery_timeout: float = 5.0,
+        initial_workers: int | None = None,
         now: float = 0.0,
     ) -> None:
         if heartbeat_timeout <= 0:
@@ -118,6 +120,7 @@ class QuorumState:
             raise ValueError(f"min_workers must be >= 1, got {min_workers}")
         self.heartbeat_timeout = heartbeat_timeout
         self.min_workers = min_workers
+        self.initial_workers = max(min_workers, initial_workers or 0)
         self.join_timeout = join_timeout
         self.quorum_timeout = quorum_timeout
         self.recovery_timeout = recovery_timeout
@@ -397,6 +400,8 @@ class QuorumState:
         if not required <= ready and waited < self.quorum_timeout:
             return []
         if len(ready) < self.min_workers:
+            return []
+        if self.current is None and len(ready) < self.initial_workers and waited < self.quorum_timeout:
             return []
         fresh = [
             w

@@ -1,0 +1,100 @@
+"""A worker process for fault tests: all-reduces known values and logs every step as JSON.
+
+Worker `w<i>` contributes (i + 1) * (step + 1) at step `step`, so the exact committed sum over
+an epoch's members is known. It can kill or stop itself in the middle of a collective (after
+issuing it, before waiting), which puts the signal exactly where the tests want it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+
+import torch
+
+import lococomm as lc
+
+
+def value_of(replica_id: str, step: int) -> float:
+    return float((int(replica_id.lstrip("w")) + 1) * (step + 1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--coordinator", required=True)
+    parser.add_argument("--replica", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--numel", type=int, default=1 << 16)
+    parser.add_argument("--op", default="sum")
+    parser.add_argument("--timeout", type=float, default=20.0)
+    parser.add_argument("--kill-at", type=int, default=-1)
+    parser.add_argument("--stop-at", type=int, default=-1)
+    parser.add_argument("--leave-at", type=int, default=-1)
+    parser.add_argument("--step-sleep", type=float, default=0.0)
+    parser.add_argument("--token", default=None)
+    parser.add_argument("--view", action="store_true", help="all-reduce a view (private path)")
+    args = parser.parse_args()
+    logging.basicConfig(
+        level=logging.INFO, format=f"%(asctime)s {args.replica} %(name)s: %(message)s", stream=sys.stderr
+    )
+    torch.set_num_threads(1)
+    out = open(args.out, "a", buffering=1)
+    manager = lc.Manager(args.coordinator, replica_id=args.replica, timeout=args.timeout, token=args.token)
+    out.write(json.dumps({"event": "registered", "time": time.time()}) + "\n")
+    stopped = False
+    while manager.step < args.steps:
+        if manager.step == args.leave_at:
+            out.write(json.dumps({"event": "leave", "step": manager.step, "time": time.time()}) + "\n")
+            manager.close()
+            return
+        manager.start_step()
+        step = manager.step
+        value = value_of(args.replica, step)
+        if args.view:
+            base = torch.full((args.numel + 8,), value)
+            tensor = base[4:-4]
+        else:
+            tensor = torch.full((args.numel,), value)
+        handle = manager.allreduce(tensor, op=args.op, async_op=True)
+        if step == args.kill_at:
+            out.write(json.dumps({"event": "kill", "step": step, "time": time.time()}) + "\n")
+            os.kill(os.getpid(), signal.SIGKILL)
+        if step == args.stop_at and not stopped:
+            stopped = True
+            out.write(json.dumps({"event": "stop", "step": step, "time": time.time()}) + "\n")
+            os.kill(os.getpid(), signal.SIGSTOP)
+            out.write(json.dumps({"event": "continued", "time": time.time()}) + "\n")
+        ok = handle.wait()
+        committed = manager.commit()
+        first = tensor.view(-1)[0].item()
+        out.write(
+            json.dumps(
+                {
+                    "event": "step",
+                    "step": step,
+                    "epoch": manager.epoch,
+                    "members": manager.members,
+                    "ok": bool(ok),
+                    "committed": committed,
+                    "value": first,
+                    "uniform": bool(torch.all(tensor == first)),
+                    "failure": manager.last_failure if not committed else "",
+                    "time": time.time(),
+                }
+            )
+            + "\n"
+        )
+        if args.step_sleep:
+            time.sleep(args.step_sleep)
+    out.write(json.dumps({"event": "done", "step": manager.step, "time": time.time()}) + "\n")
+    manager.close()
+
+
+if __name__ == "__main__":
+    main()
