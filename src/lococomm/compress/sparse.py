@@ -1,0 +1,319 @@
+"""Sparse codecs: TopK (global or chunked), RandK (indices from a shared seed) and SparseLoCo
+(chunked top-k with 2-bit values).
+
+Sparse payloads do not "sum well" in a ring (a sum of two top-k sets is not a top-k set): the
+collectives all-gather them and every member adds all decoded payloads in rank order
+(``decode_accumulate_``), which is bit-identical everywhere. RandK with a shared seed selects
+the same indices on every member, so its values can also be all-reduced directly.
+
+Number kept out of n: k = min(n, max(1, floor(ratio * n + 0.5))) (``ops.k_of``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+
+from .. import ops
+from .base import Codec, numel_of
+from .payload import Payload
+
+
+def _check_ratio(ratio: float) -> float:
+    ratio = float(ratio)
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"ratio must be in (0, 1], got {ratio}")
+    return ratio
+
+
+class TopK(Codec):
+    """Largest-magnitude entries: fp32 values + indices (ties go to the lower index).
+
+    ``chunk=None``: global top-k, int32 indices (64 bits per kept entry).
+    ``chunk=C`` (<= 65536): top-k of every chunk of C elements, indices stored as uint16
+    offsets from the chunk start (48 bits per kept entry) -- a fixed-size delta coding whose
+    payload size does not depend on the data.
+    """
+
+    name = "topk"
+
+    def __init__(self, ratio: float = 0.01, chunk: int | None = None, *, nonfinite: str = "raise"):
+        super().__init__(nonfinite=nonfinite)
+        self.ratio = _check_ratio(ratio)
+        if chunk is not None and not (isinstance(chunk, int) and 1 <= chunk <= 65536):
+            raise ValueError(f"chunk must be None or an int in [1, 65536], got {chunk!r}")
+        self.chunk = chunk
+
+    def config(self) -> dict[str, Any]:
+        return {"ratio": self.ratio, "chunk": self.chunk, "nonfinite": self.nonfinite}
+
+    # k per chunk (full chunks, last chunk) or globally
+    def _ks(self, n: int) -> tuple[int, int]:
+        if self.chunk is None:
+            return ops.k_of(self.ratio, n), 0
+        c = self.chunk
+        last = n - (max(1, (n + c - 1) // c) - 1) * c
+        return ops.k_of(self.ratio, c), ops.k_of(self.ratio, last)
+
+    def kept(self, n: int) -> int:
+        """Entries kept out of n."""
+        if self.chunk is None:
+            return ops.k_of(self.ratio, n)
+        kc, kl = self._ks(n)
+        return ops.chunked_counts(n, self.chunk, kc, kl)
+
+    def _select(self, tensor, state=None, state_out=None):
+        self._check_input(tensor)
+        n = tensor.numel()
+        if self.chunk is None:
+            res = ops.topk(tensor.detach(), self._ks(n)[0], state=state, state_out=state_out)
+        elif n == 0:
+            empty = torch.zeros(0, dtype=torch.float32)
+            res = (empty, torch.zeros(0, dtype=torch.int16), state_out, 0)
+        else:
+            kc, kl = self._ks(n)
+            res = ops.topk_chunked(
+                tensor.detach(), self.chunk, kc, kl, state=state, state_out=state_out
+            )
+        values, indices, s_out, bad = res
+        if bad:
+            raise ValueError(f"{self.name}.encode: input contains {bad} inf/nan value(s)")
+        return values, indices, s_out
+
+    def encode(self, tensor: torch.Tensor, seed: int = 0) -> Payload:
+        values, indices, _ = self._select(tensor)
+        return Payload.make(
+            self.name, self._shape_meta(tensor.shape, tensor.dtype), [values, indices]
+        )
+
+    def encode_feedback(
+        self,
+        tensor: torch.Tensor,
+        state: torch.Tensor,
+        seed: int,
+        *,
+        mode: str,
+        state_out: torch.Tensor | None = None,
+        warm: torch.Tensor | None = None,
+    ) -> tuple[Payload, torch.Tensor]:
+        """Classic EF in one fused pass (select on x + e, residual = p minus the selection)."""
+        if mode != "ef":
+            return super().encode_feedback(tensor, state, seed, mode=mode, state_out=state_out)
+        values, indices, s_out = self._select(tensor, state, state_out)
+        meta = self._shape_meta(tensor.shape, tensor.dtype)
+        return Payload.make(self.name, meta, [values, indices]), s_out
+
+    def global_indices(self, payload: Payload) -> torch.Tensor:
+        """int64 flat indices of the payload's values."""
+        idx = payload.tensors[1]
+        if self.chunk is None:
+            return idx.to(torch.int64)
+        n = numel_of(payload.meta["shape"])
+        if n == 0:
+            return torch.zeros(0, dtype=torch.int64)
+        kc, kl = self._ks(n)
+        nch = (n + self.chunk - 1) // self.chunk
+        counts = torch.full((nch,), kc, dtype=torch.int64)
+        counts[-1] = min(kl, n - (nch - 1) * self.chunk)
+        base = torch.repeat_interleave(torch.arange(nch, dtype=torch.int64) * self.chunk, counts)
+        return base + (idx.to(torch.int64) & 0xFFFF)
+
+    def decode(self, payload: Payload) -> torch.Tensor:
+        self._check_payload(payload)
+        shape = payload.meta["shape"]
+        out = torch.zeros(numel_of(shape), dtype=torch.float32)
+        out[self.global_indices(payload)] = payload.tensors[0]
+        return out.view(shape)
+
+    def decode_accumulate_(self, acc: torch.Tensor, payload: Payload) -> torch.Tensor:
+        self._check_payload(payload)
+        acc.view(-1).index_add_(0, self.global_indices(payload), payload.tensors[0])
+        return acc
+
+    def empty_payload(self, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> Payload:
+        k = self.kept(numel_of(shape))
+        idx_dtype = torch.int32 if self.chunk is None else torch.int16
+        tensors = [torch.empty(k, dtype=torch.float32), torch.empty(k, dtype=idx_dtype)]
+        return Payload.make(self.name, self._shape_meta(shape, dtype), tensors)
+
+
+class RandK(Codec):
+    """k random entries; the indices come from the shared seed and are not transmitted.
+
+    Stratified sampling: entry j of k is drawn uniformly from the j-th of k contiguous, equal
+    (+-1) strata, with the counter-based RNG of (seed, j) -- O(k) work, deterministic on every
+    member. ``unbiased=True`` scales values by the stratum size (E[decode] = x); the default
+    keeps them as they are (a contractive compressor, for use with error feedback).
+    The seed travels in the metadata (8 bytes of JSON), never as an index tensor.
+    """
+
+    name = "randk"
+    shared_seed: ClassVar[bool] = True
+
+    def __init__(self, ratio: float = 0.01, unbiased: bool = False, *, nonfinite: str = "raise"):
+        super().__init__(nonfinite=nonfinite)
+        self.ratio = _check_ratio(ratio)
+        self.unbiased = bool(unbiased)
+
+    def config(self) -> dict[str, Any]:
+        return {"ratio": self.ratio, "unbiased": self.unbiased, "nonfinite": self.nonfinite}
+
+    def indices(self, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(int64 indices, stratum sizes) for a tensor of n elements."""
+        k = ops.k_of(self.ratio, n)
+        j = torch.arange(k + 1, dtype=torch.int64)
+        bounds = (j * n) // max(k, 1)
+        start, size = bounds[:-1], bounds[1:] - bounds[:-1]
+        r = ops.rng_u32(seed, 0, k)
+        return start + r % size.clamp_min(1), size
+
+    def encode(self, tensor: torch.Tensor, seed: int = 0) -> Payload:
+        self._check_input(tensor)
+        self._check_finite(tensor)
+        flat = tensor.detach().reshape(-1)
+        idx, size = self.indices(flat.numel(), seed)
+        values = flat[idx].to(torch.float32)
+        if self.unbiased:
+            values = values * size.to(torch.float32)
+        meta = {**self._shape_meta(tensor.shape, tensor.dtype), "seed": int(seed)}
+        return Payload.make(self.name, meta, [values])
+
+    def decode(self, payload: Payload) -> torch.Tensor:
+        self._check_payload(payload)
+        shape = payload.meta["shape"]
+        n = numel_of(shape)
+        out = torch.zeros(n, dtype=torch.float32)
+        out[self.indices(n, payload.meta["seed"])[0]] = payload.tensors[0]
+        return out.view(shape)
+
+    def decode_accumulate_(self, acc: torch.Tensor, payload: Payload) -> torch.Tensor:
+        self._check_payload(payload)
+        idx = self.indices(acc.numel(), payload.meta["seed"])[0]
+        acc.view(-1).index_add_(0, idx, payload.tensors[0])
+        return acc
+
+    def empty_payload(
+        self, shape: Sequence[int], dtype: torch.dtype = torch.float32, seed: int = 0
+    ) -> Payload:
+        k = ops.k_of(self.ratio, numel_of(shape))
+        meta = {**self._shape_meta(shape, dtype), "seed": int(seed)}
+        return Payload.make(self.name, meta, [torch.empty(k, dtype=torch.float32)])
+
+
+class SparseLoCo(TopK):
+    """SparseLoCo-style: chunked top-k, then each kept value in 2 bits.
+
+    Per chunk, magnitudes are quantised to two levels lo = min|v| and hi = max|v| of the kept
+    entries (bit 1: level, nearest or seeded-stochastic), bit 0 is the sign; codes are packed
+    four per byte. Per kept entry 2 + 16 bits, plus 2 fp32 per chunk: with the defaults
+    (64 of every 4096) about 0.30 bits per parameter.
+    """
+
+    name = "sparseloco"
+
+    def __init__(
+        self,
+        ratio: float = 64 / 4096,
+        chunk: int = 4096,
+        rounding: str = "nearest",
+        *,
+        nonfinite: str = "raise",
+    ):
+        if chunk is None:
+            raise ValueError("SparseLoCo needs a chunk size")
+        super().__init__(ratio, chunk, nonfinite=nonfinite)
+        if rounding not in ("nearest", "stochastic"):
+            raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
+        self.rounding = rounding
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "rounding": self.rounding}
+
+    def _chunk_ids(self, n: int) -> torch.Tensor:
+        kc, kl = self._ks(n)
+        nch = (n + self.chunk - 1) // self.chunk
+        counts = torch.full((nch,), kc, dtype=torch.int64)
+        counts[-1] = min(kl, n - (nch - 1) * self.chunk)
+        return torch.repeat_interleave(torch.arange(nch, dtype=torch.int64), counts)
+
+    def _pack(self, values: torch.Tensor, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        nch = (n + self.chunk - 1) // self.chunk if n else 0
+        ids = self._chunk_ids(n) if n else torch.zeros(0, dtype=torch.int64)
+        mag = values.abs()
+        lo = torch.zeros(nch).scatter_reduce(0, ids, mag, "amin", include_self=False)
+        hi = torch.zeros(nch).scatter_reduce(0, ids, mag, "amax", include_self=False)
+        span = (hi - lo)[ids]
+        t = torch.where(span > 0, (mag - lo[ids]) / torch.where(span > 0, span, 1.0), 0.0)
+        if self.rounding == "stochastic":
+            u = (ops.rng_u32(seed, 0, values.numel()) >> 8).to(torch.float32) * 2.0**-24
+            level = u < t
+        else:
+            level = t >= 0.5
+        code = (values < 0).to(torch.int64) | (level.to(torch.int64) << 1)
+        pad = torch.zeros(-code.numel() % 4, dtype=torch.int64)
+        quads = torch.cat([code, pad]).view(-1, 4) << torch.tensor([0, 2, 4, 6])
+        return quads.sum(1).to(torch.uint8), torch.stack([lo, hi], 1).reshape(-1)
+
+    def _values(self, payload: Payload) -> torch.Tensor:
+        codes, idx, scales = payload.tensors
+        n = numel_of(payload.meta["shape"])
+        k = idx.numel()
+        c = (codes.to(torch.int64).view(-1, 1) >> torch.tensor([0, 2, 4, 6])).reshape(-1)[:k] & 3
+        ids = self._chunk_ids(n) if n else torch.zeros(0, dtype=torch.int64)
+        lo, hi = scales.view(-1, 2)[:, 0][ids], scales.view(-1, 2)[:, 1][ids]
+        mag = torch.where((c & 2) > 0, hi, lo)
+        return torch.where((c & 1) > 0, -mag, mag)
+
+    def _payload(self, tensor: torch.Tensor, values, indices, seed: int) -> Payload:
+        codes, scales = self._pack(values, tensor.numel(), seed)
+        meta = self._shape_meta(tensor.shape, tensor.dtype)
+        return Payload.make(self.name, meta, [codes, indices, scales])
+
+    def encode(self, tensor: torch.Tensor, seed: int = 0) -> Payload:
+        values, indices, _ = self._select(tensor)
+        return self._payload(tensor, values, indices, seed)
+
+    def encode_feedback(
+        self,
+        tensor: torch.Tensor,
+        state: torch.Tensor,
+        seed: int,
+        *,
+        mode: str,
+        state_out: torch.Tensor | None = None,
+        warm: torch.Tensor | None = None,
+    ) -> tuple[Payload, torch.Tensor]:
+        # the residual must include the 2-bit quantisation error: generic path
+        return Codec.encode_feedback(self, tensor, state, seed, mode=mode, state_out=state_out)
+
+    def decode(self, payload: Payload) -> torch.Tensor:
+        self._check_payload(payload)
+        shape = payload.meta["shape"]
+        out = torch.zeros(numel_of(shape), dtype=torch.float32)
+        out[self.global_indices(payload)] = self._values(payload)
+        return out.view(shape)
+
+    def decode_accumulate_(self, acc: torch.Tensor, payload: Payload) -> torch.Tensor:
+        self._check_payload(payload)
+        acc.view(-1).index_add_(0, self.global_indices(payload), self._values(payload))
+        return acc
+
+    def empty_payload(self, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> Payload:
+        n = numel_of(shape)
+        k = self.kept(n)
+        nch = (n + self.chunk - 1) // self.chunk if n else 0
+        tensors = [
+            torch.empty((k + 3) // 4, dtype=torch.uint8),
+            torch.empty(k, dtype=torch.int16),
+            torch.empty(2 * nch, dtype=torch.float32),
+        ]
+        return Payload.make(self.name, self._shape_meta(shape, dtype), tensors)
+
+    def global_indices(self, payload: Payload) -> torch.Tensor:
+        idx = payload.tensors[1]
+        n = numel_of(payload.meta["shape"])
+        if n == 0:
+            return torch.zeros(0, dtype=torch.int64)
+        return self._chunk_ids(n) * self.chunk + (idx.to(torch.int64) & 0xFFFF)

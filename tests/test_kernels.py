@@ -1,0 +1,382 @@
+"""Every fused kernel against its pure-PyTorch reference, bit for bit, on random shapes
+(odd sizes, sizes not divisible by the block, empty), all modes and input dtypes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from lococomm import ops
+from lococomm.ops import _build
+from lococomm.ops import reference as ref
+
+pytestmark = pytest.mark.timeout(240)  # the first test may compile the extension (~30 s)
+
+HAVE_CPP = ops.backend("cpu") == "cpp"
+needs_cpp = pytest.mark.skipif(
+    not HAVE_CPP, reason=f"no C++ kernels: {_build.unavailable_reason('cpu')}"
+)
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def bits_of(t: torch.Tensor) -> torch.Tensor:
+    """Bit patterns, so -0.0 != +0.0 and NaN == NaN in comparisons."""
+    if t.dtype == torch.float32:
+        return t.view(torch.int32)
+    if t.dtype in (torch.float16, torch.bfloat16):
+        return t.view(torch.int16)
+    return t
+
+
+def assert_bit_equal(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    assert a.dtype == b.dtype and a.shape == b.shape, (
+        f"{what}: {a.dtype}{a.shape} vs {b.dtype}{b.shape}"
+    )
+    diff = (bits_of(a) != bits_of(b)).sum().item()
+    assert diff == 0, f"{what}: {diff} of {a.numel()} elements differ"
+
+
+# Random sizes: 0, tiny, odd, not multiples of any block, a few above the parallel grain.
+_gen = torch.Generator().manual_seed(1234)
+SIZES = [0, 1, 3, 17, 255, 257, 1000, 4099] + [
+    int(v) for v in torch.randint(5000, 300_000, (4,), generator=_gen)
+]
+
+
+def test_rng_reference_matches_python_ints():
+    keys = ref.rng_keys(987654321987)
+    off = 2**32 - 5  # crosses the 2^32 boundary of the index
+    words = ref.rng_u32(keys, off, 10).tolist()
+    for j, w in enumerate(words):
+        i = off + j
+        kh = ref.mix32_int((i >> 32) ^ keys[1])
+        expect = ref.mix32_int(ref.mix32_int(((i & ref.MASK32) + keys[0]) & ref.MASK32) ^ kh)
+        assert w == expect
+    u = ref.rng_unit(keys, 0, 100_000)
+    assert float(u.min()) >= 0.0 and float(u.max()) < 1.0
+    assert abs(float(u.mean()) - 0.5) < 0.005
+
+
+@needs_cpp
+def test_rng_cpp_matches_reference_across_2_to_32_boundary():
+    for seed in (0, 1, 2**63 + 12345, -7):
+        for off in (0, 12345, 2**32 - 100):
+            assert torch.equal(
+                ops.rng_u32(seed, off, 300, impl="cpp"), ops.rng_u32(seed, off, 300, impl="torch")
+            )
+
+
+QUANT_CASES = [(8, 256), (4, 128), (2, 64), (8, 20), (4, 6), (2, 4), (8, 1)]
+
+
+@needs_cpp
+@pytest.mark.parametrize("bits,block", QUANT_CASES)
+@pytest.mark.parametrize("mode", ["plain", "ef", "ef21"])
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_quantize_cpp_bit_equals_reference(bits, block, mode, stochastic):
+    g = torch.Generator().manual_seed(bits * 1000 + block)
+    for n in SIZES:
+        x = torch.randn(n, generator=g) * 3
+        x[::11] = 0.0  # zero blocks and exact zeros
+        state = torch.randn(n, generator=g) * 0.1 if mode != "plain" else None
+        kw = dict(stochastic=stochastic, seed=n + 7, index_offset=3 * block, mode=mode, state=state)
+        a = ops.quantize(x, bits, block, impl="torch", **kw)
+        b = ops.quantize(x, bits, block, impl="cpp", **kw)
+        assert_bit_equal(a[0], b[0], f"codes n={n}")
+        assert_bit_equal(a[1], b[1], f"scales n={n}")
+        if mode != "plain":
+            assert_bit_equal(a[2], b[2], f"state n={n}")
+        assert a[3] == b[3] == 0
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_quantize_half_inputs_bit_equal(dtype):
+    x = (torch.randn(70_001) * 5).to(dtype)
+    s = torch.randn(70_001) * 0.01
+    for mode in ("plain", "ef", "ef21"):
+        st = s if mode != "plain" else None
+        a = ops.quantize(x, 4, 128, mode=mode, state=st, stochastic=True, seed=3, impl="torch")
+        b = ops.quantize(x, 4, 128, mode=mode, state=st, stochastic=True, seed=3, impl="cpp")
+        for i in range(2 if mode == "plain" else 3):
+            assert_bit_equal(a[i], b[i], f"{dtype} {mode} part {i}")
+
+
+@needs_cpp
+@pytest.mark.parametrize("bits,block", QUANT_CASES)
+def test_dequantize_and_accumulate_bit_equal(bits, block):
+    for n in SIZES:
+        x = torch.randn(n)
+        codes, scales, _, _ = ops.quantize(x, bits, block)
+        d_ref = ops.dequantize(codes, scales, n, bits, block, impl="torch")
+        assert_bit_equal(d_ref, ops.dequantize(codes, scales, n, bits, block, impl="cpp"), "dq")
+        acc0 = torch.randn(n)
+        a, b = acc0.clone(), acc0.clone()
+        ops.dequantize_accumulate_(a, codes, scales, bits, block, impl="torch")
+        ops.dequantize_accumulate_(b, codes, scales, bits, block, impl="cpp")
+        assert_bit_equal(a, b, f"acc n={n}")
+
+
+@needs_cpp
+def test_quantize_results_do_not_depend_on_thread_count():
+    x = torch.randn(1_000_003)
+    e = torch.randn(1_000_003) * 0.1
+    old = torch.get_num_threads()
+    try:
+        outs = []
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            outs.append(ops.quantize(x, 8, 256, mode="ef", state=e, stochastic=True, seed=5))
+            outs.append(ops.topk(x, 10_000, state=e))
+    finally:
+        torch.set_num_threads(old)
+    for i in range(3):
+        assert_bit_equal(outs[0][i], outs[2][i], f"quantize part {i}")
+        assert_bit_equal(outs[1][i], outs[3][i], f"topk part {i}")
+
+
+@pytest.mark.parametrize("impl", ["torch", "cpp"])
+def test_chunk_encoding_equals_slice_of_whole(impl):
+    if impl == "cpp" and not HAVE_CPP:
+        pytest.skip("no C++ kernels")
+    n, block = 10_000, 256
+    x = torch.randn(n)
+    whole = ops.quantize(x, 8, block, stochastic=True, seed=42, impl=impl)
+    start, stop = 4 * block, 31 * block
+    part = ops.quantize(
+        x[start:stop], 8, block, stochastic=True, seed=42, index_offset=start, impl=impl
+    )
+    assert torch.equal(part[0], whole[0][start:stop])
+    assert torch.equal(part[1], whole[1][start // block : stop // block])
+
+
+@pytest.mark.parametrize("impl", ["torch", "cpp"])
+def test_nonfinite_blocks_counted_and_propagated(impl):
+    if impl == "cpp" and not HAVE_CPP:
+        pytest.skip("no C++ kernels")
+    x = torch.randn(1000)
+    x[5] = float("inf")
+    x[700] = float("nan")
+    e = torch.randn(1000) * 0.1
+    codes, scales, s_out, bad = ops.quantize(
+        x, 8, 256, mode="ef", state=e, propagate=True, impl=impl
+    )
+    assert bad == 2
+    assert (
+        torch.isnan(scales[0]) and torch.isnan(scales[2]) and torch.isfinite(scales[[1, 3]]).all()
+    )
+    d = ops.dequantize(codes, scales, 1000, 8, 256, impl=impl)
+    assert torch.isnan(d[:256]).all() and torch.isnan(d[512:768]).all()
+    assert torch.isfinite(d[256:512]).all() and torch.isfinite(d[768:]).all()
+    # the untransmitted block stays in the residual (p = x + e), including its inf/nan
+    assert_bit_equal(s_out[:256], (x + e)[:256], "bad-block state")
+    _, scales0, _, bad0 = ops.quantize(x, 8, 256, impl=impl)
+    assert bad0 == 2 and scales0[0] == 0 and scales0[2] == 0
+
+
+@needs_cpp
+def test_topk_global_bit_equal_with_ties_and_ef():
+    g = torch.Generator().manual_seed(7)
+    for n in [n for n in SIZES if n] + [2]:
+        x = torch.randn(n, generator=g)
+        x[::7] = 0.5  # many exact ties at the threshold
+        x[::13] = -0.5
+        for k in sorted({1, max(1, n // 100), (n + 2) // 3, n}):
+            for state in (None, torch.randn(n, generator=g) * 0.01):
+                a = ops.topk(x, k, state=state, impl="torch")
+                b = ops.topk(x, k, state=state, impl="cpp")
+                assert_bit_equal(a[0], b[0], f"values n={n} k={k}")
+                assert torch.equal(a[1], b[1]), f"indices n={n} k={k}"
+                if state is not None:
+                    assert_bit_equal(a[2], b[2], f"residual n={n} k={k}")
+
+
+def test_topk_reference_semantics():
+    x = torch.tensor([0.0, -3.0, 1.0, 3.0, -1.0, 2.0])
+    v, i, s_out, bad = ops.topk(x, 3, state=torch.zeros(6), impl="torch")
+    assert i.tolist() == [1, 3, 5] and v.tolist() == [-3.0, 3.0, 2.0] and bad == 0
+    assert s_out.tolist() == [0.0, 0.0, 1.0, 0.0, -1.0, 0.0]
+    # ties at the threshold go to the lower index
+    v, i, _, _ = ops.topk(torch.tensor([1.0, -1.0, 1.0, 1.0]), 2, impl="torch")
+    assert i.tolist() == [0, 1]
+
+
+@needs_cpp
+@pytest.mark.parametrize(
+    "chunk,ratio", [(64, 0.05), (4096, 0.01), (1000, 1.0), (65536, 0.01), (7, 0.5)]
+)
+def test_topk_chunked_bit_equal(chunk, ratio):
+    g = torch.Generator().manual_seed(chunk)
+    for n in [n for n in SIZES if n]:
+        kc = ops.k_of(ratio, chunk)
+        kl = ops.k_of(ratio, n - ((n - 1) // chunk) * chunk)
+        x = torch.randn(n, generator=g)
+        x[::5] = -1.25
+        for state in (None, torch.randn(n, generator=g) * 0.1):
+            a = ops.topk_chunked(x, chunk, kc, kl, state=state, impl="torch")
+            b = ops.topk_chunked(x, chunk, kc, kl, state=state, impl="cpp")
+            assert_bit_equal(a[0], b[0], f"values n={n}")
+            assert torch.equal(a[1], b[1]), f"indices n={n}"
+            if state is not None:
+                assert_bit_equal(a[2], b[2], f"residual n={n}")
+
+
+@pytest.mark.parametrize("impl", ["torch", "cpp"])
+def test_topk_nonfinite_selects_nothing(impl):
+    if impl == "cpp" and not HAVE_CPP:
+        pytest.skip("no C++ kernels")
+    x = torch.randn(100)
+    x[3] = float("nan")
+    assert ops.topk(x, 5, impl=impl)[3] == 1
+    assert ops.topk_chunked(x, 16, 2, 2, impl=impl)[3] == 1
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_outer_step_bit_equal(dtype, nesterov):
+    for n in (1, 17, 100_003):
+        snap, mom, delta = torch.randn(n), torch.randn(n), torch.randn(n)
+        local = torch.empty(n, dtype=dtype)
+        outs = []
+        for impl in ("torch", "cpp"):
+            s, m, loc = snap.clone(), mom.clone(), local.clone()
+            ops.nesterov_outer_(
+                s,
+                m,
+                delta,
+                lr=0.7,
+                mu=0.9,
+                delta_scale=1 / 3,
+                nesterov=nesterov,
+                local=loc,
+                impl=impl,
+            )
+            outs.append((s, m, loc, ops.pseudo_gradient(s, loc, impl=impl)))
+        for a, b, what in zip(outs[0], outs[1], ("snapshot", "momentum", "local", "pseudo")):
+            assert_bit_equal(a, b, f"{what} n={n}")
+
+
+def test_outer_step_reference_maths():
+    snap, mom, delta = torch.tensor([1.0]), torch.tensor([0.5]), torch.tensor([2.0])
+    local = torch.zeros(1)
+    ops.nesterov_outer_(
+        snap, mom, delta, lr=0.1, mu=0.9, delta_scale=0.5, local=local, impl="torch"
+    )
+    # d = 1; m = 0.45 + 1 = 1.45; u = 1 + 0.9 * 1.45 = 2.305; w = 1 - 0.2305
+    assert torch.allclose(mom, torch.tensor([1.45])) and torch.allclose(
+        snap, torch.tensor([0.7695])
+    )
+    assert torch.equal(local, snap)
+
+
+def test_bad_arguments_raise_clear_errors():
+    x = torch.randn(10)
+    with pytest.raises(ValueError, match="bits"):
+        ops.quantize(x, 3, 8)
+    with pytest.raises(ValueError, match="multiple of 2"):
+        ops.quantize(x, 4, 7)
+    with pytest.raises(TypeError, match="unsupported dtype"):
+        ops.quantize(torch.arange(10), 8, 8)
+    with pytest.raises(ValueError, match="needs a state"):
+        ops.quantize(x, 8, 8, mode="ef")
+    with pytest.raises(ValueError, match="contiguous with 10"):
+        ops.quantize(x, 8, 8, mode="ef", state=torch.zeros(9))
+    with pytest.raises(ValueError, match="k must be"):
+        ops.topk(x, 11)
+    with pytest.raises(ValueError, match="chunk"):
+        ops.topk_chunked(x, 70_000, 1, 1)
+
+
+def test_backend_reports_cpp_here_and_torch_when_forced():
+    # On this project's machines a compiler exists; CI must exercise the C++ path.
+    assert ops.backend() in ("cpp", "cuda") and ops.backend("cpu") == "cpp"
+    code = "from lococomm import ops; print(ops.backend())"
+    env = {**os.environ, "LOCOCOMM_OPS_BACKEND": "torch", "PYTHONPATH": SRC}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "torch"
+
+
+def test_without_compiler_falls_back_with_one_warning(tmp_path):
+    code = textwrap.dedent(
+        """
+        import warnings, torch
+        from lococomm import ops
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            print(ops.backend())
+            x = torch.randn(1000)
+            c, s, _, _ = ops.quantize(x, 8, 256)
+            ops.dequantize(c, s, 1000, 8, 256)
+            ops.topk(x, 10)
+            print(ops.backend())
+        print(sum("kernels unavailable" in str(m.message) for m in w))
+        """
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": SRC,
+        "LOCOCOMM_BUILD_DIR": str(tmp_path / "cache"),  # nothing cached there
+        "CXX": str(tmp_path / "no-such-compiler"),
+    }
+    env.pop("LOCOCOMM_OPS_BACKEND", None)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["torch", "torch", "1"], out.stdout + out.stderr
+
+
+def test_build_lock_is_exclusive_across_processes(tmp_path):
+    """The flock serialising first builds: a second process blocks until the first releases."""
+    lock = tmp_path / "lock"
+    code = textwrap.dedent(
+        f"""
+        import sys, time
+        from lococomm.ops._build import _file_lock
+        from pathlib import Path
+        with _file_lock(Path({str(lock)!r})):
+            print(time.monotonic(), flush=True)
+            time.sleep(float(sys.argv[1]))
+            print(time.monotonic(), flush=True)
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": SRC}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, "1.0"], env=env, stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    spans = []
+    for p in procs:
+        out, _ = p.communicate(timeout=60)
+        assert p.returncode == 0
+        spans.append([float(v) for v in out.split()])
+    (_a0, a1), (b0, _b1) = sorted(spans)
+    assert b0 >= a1, f"critical sections overlap: {spans}"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_concurrent_first_builds_compile_once(tmp_path):
+    """Two processes start with an empty cache: both get the C++ backend, one compiles."""
+    code = "from lococomm import ops; print(ops.backend())"
+    env = {**os.environ, "PYTHONPATH": SRC, "LOCOCOMM_BUILD_DIR": str(tmp_path / "cache")}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=800)[0].strip() for p in procs]
+    assert outs == ["cpp", "cpp"]
+    builds = list((tmp_path / "cache").glob("cpu-*/*.so"))
+    assert len(builds) == 1
