@@ -5,14 +5,15 @@ the payloads as one flat byte buffer each (works on gloo, for every codec), deco
 members' payloads in rank order (bit-identical on every member) and divides by the world size.
 With error feedback each bucket is a key; the step's EF state is committed as soon as the
 averaged gradient is known -- or rolled back if it is not finite, so a step skipped by an AMP
-GradScaler leaves EF untouched.
+GradScaler leaves EF untouched. When DDP rebuilds a bucket (it does after the first iteration)
+that bucket's EF state is reset, since a residual belongs to a fixed parameter layout.
 
 Seeds: ``derive_seed(seed, bucket, call)`` for the bucket's n-th call, mixed with the rank for
 codecs that do not need a shared seed (independent stochastic rounding on every member).
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: DDP checks the hook's annotations at runtime
+# (they must be the objects dist.GradBucket and torch.futures.Future[torch.Tensor]).
 import logging
 from typing import Any
 
@@ -53,6 +54,9 @@ class DDPCompressionHook:
         self.seed = int(seed)
         self.process_group = process_group
         self._calls: dict[int, int] = {}
+        self._layouts: dict[int, tuple] = {}
+        # DDP reads hook.__name__ and hook.__qualname__ (functions have them, objects do not)
+        self.__name__ = self.__qualname__ = f"lococomm_{codec.name}_hook"
 
     def __call__(self, state: Any, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
         group = self.process_group if self.process_group is not None else dist.group.WORLD
@@ -67,6 +71,14 @@ class DDPCompressionHook:
             seed = derive_seed(seed, rank)
         key = f"bucket{index}"
         if self.ef is not None:
+            # DDP rebuilds its buckets after the first iteration (and may again): a residual is
+            # only meaningful for the same parameters in the same order, so reset on change.
+            layout = (buf.numel(), tuple(id(p) for p in bucket.parameters()))
+            if self._layouts.get(index, layout) != layout:
+                log.info("ddp_hook: bucket %d was rebuilt; its error feedback starts afresh", index)
+                self.ef.rollback(key)
+                self.ef.reset(key)
+            self._layouts[index] = layout
             payload = self.ef.compress(key, buf, seed)
         else:
             payload = self.codec.encode(buf, seed)
