@@ -151,7 +151,7 @@ int64_t topk_chunked(const at::Tensor& x, const std::optional<at::Tensor>& state
 
 void nesterov_outer(at::Tensor& snapshot, at::Tensor& momentum, const at::Tensor& delta,
                     const std::optional<at::Tensor>& local, double lr, double mu,
-                    double delta_scale, bool nesterov) {
+                    double delta_scale, bool nesterov, bool from_average) {
   const int64_t n = snapshot.numel();
   check_f32(snapshot, "snapshot", n);
   check_f32(momentum, "momentum", n);
@@ -165,13 +165,14 @@ void nesterov_outer(at::Tensor& snapshot, at::Tensor& momentum, const at::Tensor
   const auto sc_f = static_cast<float>(delta_scale);
   if (!local.has_value()) {
     pybind11::gil_scoped_release nogil;
-    lococomm::nesterov_outer<float>(w, m, d, nullptr, n, lr_f, mu_f, sc_f, nesterov, nt);
+    lococomm::nesterov_outer<float>(w, m, d, nullptr, n, lr_f, mu_f, sc_f, nesterov,
+                                    from_average, nt);
     return;
   }
   TORCH_CHECK(local->numel() == n, "local must have ", n, " elements");
   with_input(*local, [&](auto* lp) {
     pybind11::gil_scoped_release nogil;
-    lococomm::nesterov_outer(w, m, d, lp, n, lr_f, mu_f, sc_f, nesterov, nt);
+    lococomm::nesterov_outer(w, m, d, lp, n, lr_f, mu_f, sc_f, nesterov, from_average, nt);
     return 0;
   });
 }
@@ -204,7 +205,7 @@ at::Tensor rng(int64_t k0, int64_t k1, int64_t offset, int64_t n) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "lococomm fused CPU kernels (see src/lococomm/ops for the torch references)";
   // Bumped whenever a binding's signature or semantics change; Python refuses a mismatch.
-  m.attr("ABI_VERSION") = 1;
+  m.attr("ABI_VERSION") = 2;
   m.def("quantize", &quantize, "block-absmax quantise (+ EF state update)");
   m.def("dequantize", &dequantize, "block dequantise (optionally += into out)");
   m.def("topk_global", &topk_global, "exact top-k by magnitude (+ EF residual)");

@@ -53,12 +53,14 @@ int64_t topk_chunked(const T* x, const float* state, float* state_out, int64_t n
                      int64_t k_chunk, int64_t k_last, float* values, uint16_t* indices,
                      int nthreads);
 
-// DiLoCo outer step with SGD-Nesterov, fused with the pseudo-gradient scale:
-//   d = delta * delta_scale; m = mu * m + d; u = nesterov ? d + mu * m : m;
+// DiLoCo outer step with SGD-Nesterov, fused with the pseudo-gradient:
+//   d = delta * delta_scale, or with from_average d = (snapshot - delta) * delta_scale
+//   (delta then holds the averaged parameters); m = mu * m + d; u = nesterov ? d + mu * m : m;
 //   snapshot = snapshot - lr * u; local = snapshot (converted to T) if local != nullptr.
 template <typename T>
 void nesterov_outer(float* snapshot, float* momentum, const float* delta, T* local, int64_t n,
-                    float lr, float mu, float delta_scale, bool nesterov, int nthreads);
+                    float lr, float mu, float delta_scale, bool nesterov, bool from_average,
+                    int nthreads);
 // out = snapshot - local (the pseudo-gradient of DiLoCo), fp32.
 template <typename T>
 void pseudo_gradient(const float* snapshot, const T* local, float* out, int64_t n, int nthreads);

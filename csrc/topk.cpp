@@ -7,11 +7,13 @@
 // low half inside the threshold bucket, gives the exact k-th magnitude T and how many ties at T
 // to take. Per-thread histograms over static ranges also give each range's output offset, so a
 // third pass writes every selected entry once, in index order, with no sort.
-// Chunked: each chunk (<= 65536 elements, hot in L2) uses nth_element with the same total order.
+// Chunked: each chunk (<= 65536 elements, hot in L2) uses nth_element with the same total order
+// on packed 64-bit keys.
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <functional>
 #include <cmath>
 #include <cstring>
 #include <numeric>
@@ -173,7 +175,9 @@ int64_t topk_chunked(const T* x, const float* s, float* s_out, int64_t n, int64_
 #pragma omp parallel num_threads(nt) reduction(+ : bad_total) if (nt > 1)
   {
     std::vector<float> p(static_cast<size_t>(chunk));
-    std::vector<uint32_t> key(static_cast<size_t>(chunk));
+    // (magnitude bits << 32) | ~index: one integer comparison gives the total order
+    // "larger magnitude first, then lower index", with no indirection in nth_element.
+    std::vector<uint64_t> comp(static_cast<size_t>(chunk));
     std::vector<int32_t> idx(static_cast<size_t>(chunk));
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < nchunks; ++c) {
@@ -183,19 +187,21 @@ int64_t topk_chunked(const T* x, const float* s, float* s_out, int64_t n, int64_
       int64_t bad = 0;
       for (int64_t j = 0; j < len; ++j) {
         const float v = pre<T>(x, s, start + j);
+        const uint32_t key = mag_bits(v);
         p[j] = v;
-        key[j] = mag_bits(v);
-        bad += key[j] >= kNonFinite;
+        comp[j] = (static_cast<uint64_t>(key) << 32) | (0xffffffffu - static_cast<uint32_t>(j));
+        bad += key >= kNonFinite;
       }
       if (ef) std::memcpy(s_out + start, p.data(), sizeof(float) * len);
       bad_total += bad;
       if (bad > 0) continue;
-      std::iota(idx.begin(), idx.begin() + len, 0);
-      // Strict total order: larger magnitude first, then lower index.
-      auto before = [&](int32_t a, int32_t b) {
-        return key[a] > key[b] || (key[a] == key[b] && a < b);
-      };
-      if (kc < len) std::nth_element(idx.begin(), idx.begin() + kc, idx.begin() + len, before);
+      if (kc < len) {
+        std::nth_element(comp.begin(), comp.begin() + kc, comp.begin() + len,
+                         std::greater<uint64_t>());
+      }
+      for (int64_t j = 0; j < kc; ++j) {
+        idx[j] = static_cast<int32_t>(0xffffffffu - static_cast<uint32_t>(comp[j]));
+      }
       std::sort(idx.begin(), idx.begin() + kc);
       const int64_t out0 = c * k_chunk;  // every chunk but the last holds k_chunk entries
       for (int64_t j = 0; j < kc; ++j) {

@@ -10,9 +10,13 @@ import logging
 import pytest
 import torch
 
+from lococomm import ops
 from lococomm.compress import Adaptive, codecs, lgreco_plan
 
 pytestmark = pytest.mark.timeout(60)
+# Load (on a fresh machine: compile, ~35 s once) the kernels at collection time, outside the
+# per-test timeouts.
+ops.backend("cpu")
 
 
 def brute_force(errors, sizes, budget):

@@ -9,10 +9,14 @@ import json
 import pytest
 import torch
 
+from lococomm import ops
 from lococomm.compress import Payload, codecs
 from lococomm.compress.payload import buffer_bytes
 
 pytestmark = pytest.mark.timeout(120)
+# Load (on a fresh machine: compile, ~35 s once) the kernels at collection time, outside the
+# per-test timeouts.
+ops.backend("cpu")
 
 ALL = [
     codecs.Identity(),

@@ -8,9 +8,13 @@ import json
 import pytest
 import torch
 
+from lococomm import ops
 from lococomm.compress import EF21, Codec, EControl, ErrorFeedback, codecs
 
 pytestmark = pytest.mark.timeout(120)
+# Load (on a fresh machine: compile, ~35 s once) the kernels at collection time, outside the
+# per-test timeouts.
+ops.backend("cpu")
 W = 4  # simulated workers, heterogeneous data
 
 

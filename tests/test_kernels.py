@@ -263,6 +263,30 @@ def test_outer_step_bit_equal(dtype, nesterov):
             assert_bit_equal(a, b, f"{what} n={n}")
 
 
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_outer_step_from_averaged_params_bit_equal(dtype):
+    """The fused variant computes the pseudo-gradient snapshot - average in the same pass."""
+    n = 100_003
+    snap, mom, avg = torch.randn(n), torch.randn(n), torch.randn(n)
+    outs = []
+    for impl in ("torch", "cpp"):
+        s, m, loc = snap.clone(), mom.clone(), torch.empty(n, dtype=dtype)
+        ops.nesterov_outer_(
+            s, m, average=avg, lr=0.7, mu=0.9, delta_scale=0.5, local=loc, impl=impl
+        )
+        outs.append((s, m, loc))
+    for a, b, what in zip(outs[0], outs[1], ("snapshot", "momentum", "local")):
+        assert_bit_equal(a, b, what)
+    # and it equals pseudo_gradient followed by the delta form
+    s2, m2 = snap.clone(), mom.clone()
+    delta = ops.pseudo_gradient(snap, avg)
+    ops.nesterov_outer_(s2, m2, delta, lr=0.7, mu=0.9, delta_scale=0.5)
+    assert_bit_equal(s2, outs[1][0], "two-pass snapshot")
+    with pytest.raises(ValueError, match="exactly one"):
+        ops.nesterov_outer_(snap, mom, delta, average=avg, lr=0.1, mu=0.9)
+
+
 def test_outer_step_reference_maths():
     snap, mom, delta = torch.tensor([1.0]), torch.tensor([0.5]), torch.tensor([2.0])
     local = torch.zeros(1)

@@ -9,7 +9,7 @@ quantize(mode="ef21")      ... fused with EF21: p = x - h, h' = h + D(Q(p))     
 dequantize                 code * scale                                                yes
 dequantize_accumulate_     acc += code * scale (ring reduce-scatter hop)               yes
 topk / topk_chunked        exact top-|p| (ties -> lower index) + EF residual          no
-nesterov_outer_            DiLoCo SGD-Nesterov outer step + copy to local params       no
+nesterov_outer_            DiLoCo SGD-Nesterov step fused with the pseudo-gradient    no
 pseudo_gradient            snapshot - local                                            no
 rng_u32                    the counter-based RNG (seed, index) -> uint32               --
 =========================  ==========================================================  =====

@@ -35,7 +35,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 CPU_SOURCES = ("bindings.cpp", "quantize.cpp", "topk.cpp", "outer.cpp")
 CUDA_SOURCES = ("cuda_bindings.cpp", "cuda/quantize.cu")
 HEADERS = ("common.h", "kernels.h")

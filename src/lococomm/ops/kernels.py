@@ -271,25 +271,32 @@ def topk_chunked(
 def nesterov_outer_(
     snapshot: torch.Tensor,
     momentum: torch.Tensor,
-    delta: torch.Tensor,
+    delta: torch.Tensor | None = None,
     *,
     lr: float,
     mu: float,
     delta_scale: float = 1.0,
     nesterov: bool = True,
     local: torch.Tensor | None = None,
+    average: torch.Tensor | None = None,
     impl: str | None = None,
 ) -> None:
-    """DiLoCo outer step (SGD with Nesterov momentum) in one pass, in place.
+    """DiLoCo outer step (SGD with Nesterov momentum) fused with the pseudo-gradient, in place.
 
-    d = delta * delta_scale (e.g. 1/world on a summed pseudo-gradient); m = mu*m + d;
-    u = d + mu*m (nesterov) or m; snapshot -= lr*u; local (fp32/16/bf16) <- snapshot.
-    snapshot, momentum and delta are contiguous fp32 tensors of equal size.
+    The pseudo-gradient is d = delta * delta_scale (e.g. delta_scale = 1/world on a summed
+    pseudo-gradient) or, given the averaged parameters instead, d = (snapshot - average) *
+    delta_scale, computed in the same pass. Then m = mu*m + d; u = d + mu*m (nesterov) or m;
+    snapshot -= lr*u; local (fp32/16/bf16, optional) <- snapshot. snapshot, momentum and
+    delta/average are contiguous fp32 tensors of equal size; pass exactly one of delta/average.
     """
+    if (delta is None) == (average is None):
+        raise ValueError("pass exactly one of delta (pseudo-gradient) and average (parameters)")
+    from_average = average is not None
+    delta = average if from_average else delta
     n = snapshot.numel()
     _check_state(snapshot, n, snapshot.device, "snapshot")
     _check_state(momentum, n, snapshot.device, "momentum")
-    _check_state(delta, n, snapshot.device, "delta")
+    _check_state(delta, n, snapshot.device, "average" if from_average else "delta")
     if local is not None:
         _check_float(local, "local")
         if local.numel() != n or not local.is_contiguous():
@@ -298,12 +305,13 @@ def nesterov_outer_(
     if which == "torch":
         ref.nesterov_outer_(
             snapshot, momentum, delta, lr=lr, mu=mu, delta_scale=delta_scale,
-            nesterov=nesterov, local=local,
+            nesterov=nesterov, local=local, from_average=from_average,
         )  # fmt: skip
         return
     _build.get("cpu").nesterov_outer(
-        snapshot, momentum, delta, local, float(lr), float(mu), float(delta_scale), nesterov
-    )
+        snapshot, momentum, delta, local, float(lr), float(mu), float(delta_scale), nesterov,
+        from_average,
+    )  # fmt: skip
 
 
 def pseudo_gradient(

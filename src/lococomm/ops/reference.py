@@ -295,10 +295,12 @@ def nesterov_outer_(
     delta_scale: float = 1.0,
     nesterov: bool = True,
     local: torch.Tensor | None = None,
+    from_average: bool = False,
 ) -> None:
-    """d = delta * delta_scale; m = mu * m + d; u = d + mu * m (Nesterov) or m;
+    """d = delta * delta_scale (or (snapshot - delta) * delta_scale with from_average, delta
+    holding averaged parameters); m = mu * m + d; u = d + mu * m (Nesterov) or m;
     snapshot -= lr * u; local <- snapshot. All fp32, in place."""
-    d = delta * delta_scale
+    d = (snapshot - delta) * delta_scale if from_average else delta * delta_scale
     momentum.mul_(mu).add_(d)
     u = d + momentum * mu if nesterov else momentum
     snapshot.sub_(u * lr)
