@@ -37,17 +37,17 @@ class SignSGD(Codec):
         self._check_input(tensor)
         self._check_finite(tensor)
         flat = tensor.detach().reshape(-1).to(torch.float32)
-        n, b = flat.numel(), self.block
+        n, b, dev = flat.numel(), self.block, flat.device
         nb = ops.num_blocks(n, b)
-        padded = torch.zeros(nb * b, dtype=torch.float32)
+        padded = torch.zeros(nb * b, dtype=torch.float32, device=dev)
         padded[:n] = flat
-        counts = torch.full((nb,), b, dtype=torch.float32)
+        counts = torch.full((nb,), b, dtype=torch.float32, device=dev)
         if nb:
             counts[-1] = n - (nb - 1) * b
         scales = padded.view(nb, b).abs().sum(1) / counts
         bits = (flat >= 0).to(torch.int64)
-        bits = torch.cat([bits, torch.zeros(-n % 8, dtype=torch.int64)])
-        packed = (bits.view(-1, 8) << _SHIFTS).sum(1).to(torch.uint8)
+        bits = torch.cat([bits, torch.zeros(-n % 8, dtype=torch.int64, device=dev)])
+        packed = (bits.view(-1, 8) << _SHIFTS.to(dev)).sum(1).to(torch.uint8)
         meta = self._shape_meta(tensor.shape, tensor.dtype)
         return Payload.make(self.name, meta, [packed, scales])
 
@@ -56,7 +56,9 @@ class SignSGD(Codec):
         shape = payload.meta["shape"]
         n = numel_of(shape)
         packed, scales = payload.tensors
-        bits = ((packed.to(torch.int64).view(-1, 1) >> _SHIFTS) & 1).reshape(-1)[:n]
+        bits = ((packed.to(torch.int64).view(-1, 1) >> _SHIFTS.to(packed.device)) & 1).reshape(-1)[
+            :n
+        ]
         mag = torch.repeat_interleave(scales, self.block)[:n]
         return torch.where(bits > 0, mag, -mag).view(shape)
 

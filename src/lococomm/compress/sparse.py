@@ -112,19 +112,20 @@ class TopK(Codec):
             return idx.to(torch.int64)
         n = numel_of(payload.meta["shape"])
         if n == 0:
-            return torch.zeros(0, dtype=torch.int64)
+            return torch.zeros(0, dtype=torch.int64, device=idx.device)
         kc, kl = self._ks(n)
         nch = (n + self.chunk - 1) // self.chunk
         counts = torch.full((nch,), kc, dtype=torch.int64)
         counts[-1] = min(kl, n - (nch - 1) * self.chunk)
         base = torch.repeat_interleave(torch.arange(nch, dtype=torch.int64) * self.chunk, counts)
-        return base + (idx.to(torch.int64) & 0xFFFF)
+        return base.to(idx.device) + (idx.to(torch.int64) & 0xFFFF)
 
     def decode(self, payload: Payload) -> torch.Tensor:
         self._check_payload(payload)
         shape = payload.meta["shape"]
-        out = torch.zeros(numel_of(shape), dtype=torch.float32)
-        out[self.global_indices(payload)] = payload.tensors[0]
+        values = payload.tensors[0]
+        out = torch.zeros(numel_of(shape), dtype=torch.float32, device=values.device)
+        out[self.global_indices(payload)] = values
         return out.view(shape)
 
     def decode_accumulate_(self, acc: torch.Tensor, payload: Payload) -> torch.Tensor:
@@ -160,20 +161,20 @@ class RandK(Codec):
     def config(self) -> dict[str, Any]:
         return {"ratio": self.ratio, "unbiased": self.unbiased, "nonfinite": self.nonfinite}
 
-    def indices(self, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(int64 indices, stratum sizes) for a tensor of n elements."""
+    def indices(self, n: int, seed: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(int64 indices, stratum sizes) for a tensor of n elements (computed on the CPU)."""
         k = ops.k_of(self.ratio, n)
         j = torch.arange(k + 1, dtype=torch.int64)
         bounds = (j * n) // max(k, 1)
         start, size = bounds[:-1], bounds[1:] - bounds[:-1]
         r = ops.rng_u32(seed, 0, k)
-        return start + r % size.clamp_min(1), size
+        return (start + r % size.clamp_min(1)).to(device), size.to(device)
 
     def encode(self, tensor: torch.Tensor, seed: int = 0) -> Payload:
         self._check_input(tensor)
         self._check_finite(tensor)
         flat = tensor.detach().reshape(-1)
-        idx, size = self.indices(flat.numel(), seed)
+        idx, size = self.indices(flat.numel(), seed, flat.device)
         values = flat[idx].to(torch.float32)
         if self.unbiased:
             values = values * size.to(torch.float32)
@@ -184,13 +185,14 @@ class RandK(Codec):
         self._check_payload(payload)
         shape = payload.meta["shape"]
         n = numel_of(shape)
-        out = torch.zeros(n, dtype=torch.float32)
-        out[self.indices(n, payload.meta["seed"])[0]] = payload.tensors[0]
+        values = payload.tensors[0]
+        out = torch.zeros(n, dtype=torch.float32, device=values.device)
+        out[self.indices(n, payload.meta["seed"], values.device)[0]] = values
         return out.view(shape)
 
     def decode_accumulate_(self, acc: torch.Tensor, payload: Payload) -> torch.Tensor:
         self._check_payload(payload)
-        idx = self.indices(acc.numel(), payload.meta["seed"])[0]
+        idx = self.indices(acc.numel(), payload.meta["seed"], acc.device)[0]
         acc.view(-1).index_add_(0, idx, payload.tensors[0])
         return acc
 
@@ -231,37 +233,42 @@ class SparseLoCo(TopK):
     def config(self) -> dict[str, Any]:
         return {**super().config(), "rounding": self.rounding}
 
-    def _chunk_ids(self, n: int) -> torch.Tensor:
+    def _chunk_ids(self, n: int, device=None) -> torch.Tensor:
+        """Chunk number of every kept entry."""
+        if n == 0:
+            return torch.zeros(0, dtype=torch.int64, device=device)
         kc, kl = self._ks(n)
         nch = (n + self.chunk - 1) // self.chunk
         counts = torch.full((nch,), kc, dtype=torch.int64)
         counts[-1] = min(kl, n - (nch - 1) * self.chunk)
-        return torch.repeat_interleave(torch.arange(nch, dtype=torch.int64), counts)
+        return torch.repeat_interleave(torch.arange(nch, dtype=torch.int64), counts).to(device)
 
     def _pack(self, values: torch.Tensor, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        dev = values.device
         nch = (n + self.chunk - 1) // self.chunk if n else 0
-        ids = self._chunk_ids(n) if n else torch.zeros(0, dtype=torch.int64)
+        ids = self._chunk_ids(n, dev)
         mag = values.abs()
-        lo = torch.zeros(nch).scatter_reduce(0, ids, mag, "amin", include_self=False)
-        hi = torch.zeros(nch).scatter_reduce(0, ids, mag, "amax", include_self=False)
+        lo = torch.zeros(nch, device=dev).scatter_reduce(0, ids, mag, "amin", include_self=False)
+        hi = torch.zeros(nch, device=dev).scatter_reduce(0, ids, mag, "amax", include_self=False)
         span = (hi - lo)[ids]
         t = torch.where(span > 0, (mag - lo[ids]) / torch.where(span > 0, span, 1.0), 0.0)
         if self.rounding == "stochastic":
-            u = (ops.rng_u32(seed, 0, values.numel()) >> 8).to(torch.float32) * 2.0**-24
+            u = (ops.rng_u32(seed, 0, values.numel()) >> 8).to(dev, torch.float32) * 2.0**-24
             level = u < t
         else:
             level = t >= 0.5
         code = (values < 0).to(torch.int64) | (level.to(torch.int64) << 1)
-        pad = torch.zeros(-code.numel() % 4, dtype=torch.int64)
-        quads = torch.cat([code, pad]).view(-1, 4) << torch.tensor([0, 2, 4, 6])
+        pad = torch.zeros(-code.numel() % 4, dtype=torch.int64, device=dev)
+        quads = torch.cat([code, pad]).view(-1, 4) << torch.tensor([0, 2, 4, 6], device=dev)
         return quads.sum(1).to(torch.uint8), torch.stack([lo, hi], 1).reshape(-1)
 
     def _values(self, payload: Payload) -> torch.Tensor:
         codes, idx, scales = payload.tensors
         n = numel_of(payload.meta["shape"])
         k = idx.numel()
-        c = (codes.to(torch.int64).view(-1, 1) >> torch.tensor([0, 2, 4, 6])).reshape(-1)[:k] & 3
-        ids = self._chunk_ids(n) if n else torch.zeros(0, dtype=torch.int64)
+        shifts = torch.tensor([0, 2, 4, 6], device=codes.device)
+        c = (codes.to(torch.int64).view(-1, 1) >> shifts).reshape(-1)[:k] & 3
+        ids = self._chunk_ids(n, codes.device)
         lo, hi = scales.view(-1, 2)[:, 0][ids], scales.view(-1, 2)[:, 1][ids]
         mag = torch.where((c & 2) > 0, hi, lo)
         return torch.where((c & 1) > 0, -mag, mag)
@@ -291,8 +298,9 @@ class SparseLoCo(TopK):
     def decode(self, payload: Payload) -> torch.Tensor:
         self._check_payload(payload)
         shape = payload.meta["shape"]
-        out = torch.zeros(numel_of(shape), dtype=torch.float32)
-        out[self.global_indices(payload)] = self._values(payload)
+        values = self._values(payload)
+        out = torch.zeros(numel_of(shape), dtype=torch.float32, device=values.device)
+        out[self.global_indices(payload)] = values
         return out.view(shape)
 
     def decode_accumulate_(self, acc: torch.Tensor, payload: Payload) -> torch.Tensor:
@@ -314,6 +322,4 @@ class SparseLoCo(TopK):
     def global_indices(self, payload: Payload) -> torch.Tensor:
         idx = payload.tensors[1]
         n = numel_of(payload.meta["shape"])
-        if n == 0:
-            return torch.zeros(0, dtype=torch.int64)
-        return self._chunk_ids(n) * self.chunk + (idx.to(torch.int64) & 0xFFFF)
+        return self._chunk_ids(n, idx.device) * self.chunk + (idx.to(torch.int64) & 0xFFFF)
