@@ -109,7 +109,7 @@ class _Transactional:
                 old = slots.get(slot)
                 slots[slot] = new
                 spare = self._spare.setdefault(k, {})
-                if old is not None and old.shape == new.shape:
+                if old is not None and old.shape == new.shape and slot != "warm":
                     spare[slot] = old  # reused as the next step's output buffer
                 else:
                     spare.pop(slot, None)
@@ -205,7 +205,9 @@ class ErrorFeedback(_Transactional):
         self._stage(key, updates)
         return payload
 
-    def aggregate(self, key: str, mean: torch.Tensor, out: torch.Tensor | None = None):
+    def aggregate(
+        self, key: str, mean: torch.Tensor, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The update to apply: the mean of the decoded payloads itself (no global state)."""
         if out is None:
             return mean
