@@ -1,10 +1,16 @@
 """Waiting for process-group work without ever blocking past an abort.
 
 A hung peer leaves a gloo op pending until the process-group timeout and `pg.abort()` does not
-unblock it (measured on this machine). So every wait here is a wait on a condition that is woken
-either by the op's completion callback or by `AbortSignal.abort()` (a coordinator push), with a
-deadline on top. An abandoned op stays pending in the background and still owns its buffers;
-callers must never reuse them (see buffers.py / exact.py).
+unblock it (measured on this machine). So waits here are sliced: `work.wait(slice)` returns the
+moment the op completes and otherwise raises after the slice (leaving the op pending), and the
+abort flag and deadline are checked between slices. An abandoned op stays pending in the
+background and still owns its buffers; callers must never reuse them (buffers.py, exact.py).
+
+Why not completion callbacks: a Python callback on a gloo future that fires while the
+interpreter is finalizing (an abandoned op failing when a peer exits) makes the gloo thread
+take the GIL, which terminates the thread with a forced unwind through noexcept C++ frames:
+std::terminate, the process dies (seen here with gdb). Sliced waits keep Python out of gloo's
+threads entirely.
 """
 
 from __future__ import annotations
@@ -12,9 +18,11 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import Any
 
-# Upper bound on one condition wait: a safety net in case a completion callback is lost.
+# Longest a waiter can miss an abort: one slice of work.wait / one condition wait.
+WAIT_SLICE_SECONDS = 0.01
 _POLL_SECONDS = 0.25
 
 
@@ -40,39 +48,60 @@ class AbortSignal:
             self._cond.notify_all()
 
     def notify(self, *_: Any) -> None:
-        """Completion callback for futures: wake the waiters so they re-check."""
+        """Wake `wait_until` waiters so they re-check their predicate (Python threads only)."""
         with self._cond:
             self._cond.notify_all()
 
-    def watch(self, work: Any) -> None:
-        """Make `work`'s completion wake waiters of this signal.
-
-        Gloo marks the future done (running callbacks) *before* `work.is_completed()` turns
-        True, so waiters test `done(work)`, never `is_completed()`, or they miss the wakeup.
-        """
-        work.get_future().add_done_callback(self.notify)
-
-    def wait_works(self, works: Sequence[Any], deadline: float) -> str | None:
+    def wait_works(self, works: Sequence[Any], deadline: float, poll: bool = False) -> str | None:
         """Wait until every work completed. Returns None on success, else why it stopped.
 
         Completion with an error (a peer closed its connection) is reported as that error.
+        `poll=True` (NCCL: `wait()` only orders streams) polls `is_completed()` instead.
         """
-        with self._cond:
-            while True:
-                if all(done(w) for w in works):
-                    break
+        for work in works:
+            err = self._poll_one(work, deadline) if poll else self._wait_one(work, deadline)
+            if err is not None:
+                return err
+        return None
+
+    def _poll_one(self, work: Any, deadline: float) -> str | None:
+        delay = 1e-4
+        while not work.is_completed():
+            if self._reason is not None:
+                return f"aborted: {self._reason}"
+            if time.monotonic() > deadline:
+                return "timed out waiting for peers"
+            time.sleep(delay)
+            delay = min(delay * 2, WAIT_SLICE_SECONDS)
+        try:
+            work.wait()
+        except Exception as e:
+            return f"peer failure: {_short(e)}"
+        return None
+
+    def _wait_one(self, work: Any, deadline: float) -> str | None:
+        while True:
+            if not work.is_completed():
                 if self._reason is not None:
                     return f"aborted: {self._reason}"
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return "timed out waiting for peers"
-                self._cond.wait(min(remaining, _POLL_SECONDS))
-        for work in works:
+                span = timedelta(seconds=min(remaining, WAIT_SLICE_SECONDS))
+            else:
+                span = None
             try:
-                work.wait()
+                if span is None:
+                    work.wait()
+                else:
+                    work.wait(span)
+                return None
             except Exception as e:  # gloo raises RuntimeError / DistBackendError subclasses
-                return f"peer failure: {_short(e)}"
-        return None
+                if span is None:
+                    return f"peer failure: {_short(e)}"
+                # Either the slice ran out (the op may have completed just after: the loop
+                # then re-waits without a timeout to learn the real outcome) or it failed.
+                continue
 
     def wait_until(self, predicate: Any, deadline: float) -> str | None:
         """Wait for `predicate()` (checked under the lock, woken by `notify`)."""
@@ -88,8 +117,8 @@ class AbortSignal:
 
 
 def done(work: Any) -> bool:
-    """True once `work` finished (successfully or not), consistent with `watch` callbacks."""
-    return work.get_future().done() or work.is_completed()
+    """True once `work` finished, successfully or not (it no longer touches its buffers)."""
+    return work.is_completed()
 
 
 def _short(e: BaseException) -> str:

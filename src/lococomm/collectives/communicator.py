@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +32,14 @@ class Communicator:
     epoch: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     bytes_sent: int = 0  # payload bytes this member put on the wire (algorithm estimate)
+
+    def wait(self, works: list[Any], deadline: float | None = None) -> str | None:
+        """Wait for works without blocking past an abort or the deadline (default: now +
+        timeout). None on success, else the reason. NCCL works are polled (their wait()
+        only orders CUDA streams)."""
+        if deadline is None:
+            deadline = time.monotonic() + self.timeout
+        return self.abort.wait_works(works, deadline, poll=self.device.type == "cuda")
 
 
 class Handle:

@@ -108,7 +108,6 @@ def _allreduce_owned(comm, tensor, chunks, opts, scale, description) -> Handle:
         for a, b in chunks:
             backup[a:b].copy_(flat[a:b])
             work = comm.pg.allreduce([flat[a:b]], opts)
-            comm.abort.watch(work)
             works.append(work)
     except Exception as e:
         return Handle.completed(_fail_owned(comm, tensor, backup, works, f"could not start: {e}", description))
@@ -116,7 +115,7 @@ def _allreduce_owned(comm, tensor, chunks, opts, scale, description) -> Handle:
     def finish() -> bool:
         deadline = time.monotonic() + comm.timeout
         for (a, b), work in zip(chunks, works):
-            err = comm.abort.wait_works([work], deadline)
+            err = comm.wait([work], deadline)
             if err is not None:
                 return _fail_owned(comm, tensor, backup, works, err, description)
             if scale is not None:
@@ -155,13 +154,12 @@ def _allreduce_private(comm, tensor, chunks, opts, scale, description) -> Handle
             if src is not None:
                 buf[a:b].copy_(src[a:b])
             work = comm.pg.allreduce([buf[a:b]], opts)
-            comm.abort.watch(work)
             works.append(work)
     except Exception as e:
         return Handle.completed(_fail_private(comm, buf, works, f"could not start: {e}", description))
 
     def finish() -> bool:
-        err = comm.abort.wait_works(works, time.monotonic() + comm.timeout)
+        err = comm.wait(works)
         if err is not None:
             return _fail_private(comm, buf, works, err, description)
         if scale is not None:
@@ -217,13 +215,12 @@ def broadcast(
     try:
         for a, b in chunks:
             work = comm.pg.broadcast([data[a:b]], opts)
-            comm.abort.watch(work)
             works.append(work)
     except Exception as e:
         return Handle.completed(_fail_broadcast(comm, sender, data, works, f"could not start: {e}", description))
 
     def finish() -> bool:
-        err = comm.abort.wait_works(works, time.monotonic() + comm.timeout)
+        err = comm.wait(works)
         if err is not None:
             return _fail_broadcast(comm, sender, data, works, err, description)
         if not sender:
@@ -262,13 +259,12 @@ def allgather(comm: Communicator, tensor: torch.Tensor, name: str = "", verify: 
     comm.bytes_sent += data.numel() * data.element_size() * (comm.world_size - 1)
     try:
         work = comm.pg._allgather_base(out.view(-1), data)
-        comm.abort.watch(work)
     except Exception as e:
         comm.fail(f"{description}: could not start: {e}")
         return Handle.completed(None)
 
     def finish() -> torch.Tensor | None:
-        err = comm.abort.wait_works([work], time.monotonic() + comm.timeout)
+        err = comm.wait([work])
         if err is not None:
             comm.graveyard.bury([work], [out, data])
             comm.fail(f"{description}: {err}")

@@ -11,7 +11,6 @@ hash in the commit vote still catches any divergence before a step is applied.
 from __future__ import annotations
 
 import hashlib
-import time
 from typing import TYPE_CHECKING
 
 import torch
@@ -80,8 +79,7 @@ def check(comm: Communicator, values: list[int], description: str) -> str | None
         work = comm.pg.allreduce([header], opts)
     except Exception as e:
         return f"{description}: could not start the signature check: {e}"
-    comm.abort.watch(work)
-    err = comm.abort.wait_works([work], time.monotonic() + comm.timeout)
+    err = comm.wait([work])
     if err is not None:
         comm.graveyard.bury([work], [header])
         return f"{description}: signature check failed: {err}"

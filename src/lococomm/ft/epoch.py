@@ -37,6 +37,9 @@ class EpochInfo:
     store_prefix: str
     steps: dict[str, int]  # committed step each member reported
     max_step: int
+    sources: tuple[str, ...] = ()  # members this group heals from (up to date, verified)
+    receivers: tuple[str, ...] = ()  # members that must be healed before the first step
+    healed: bool = False  # some group of this epoch heals: its first commit checks parity
 
     @classmethod
     def from_message(cls, msg: dict[str, Any]) -> EpochInfo:
@@ -50,14 +53,13 @@ class EpochInfo:
             store_prefix=str(msg["store_prefix"]),
             steps={str(k): int(v) for k, v in msg["steps"].items()},
             max_step=int(msg["max_step"]),
+            sources=tuple(msg.get("sources", ())),
+            receivers=tuple(msg.get("receivers", ())),
+            healed=bool(msg.get("healed", False)),
         )
 
-    def behind(self) -> list[int]:
-        """Ranks (in this group) whose committed step is below the epoch's max."""
-        return [i for i, r in enumerate(self.group_replicas) if self.steps[r] < self.max_step]
-
-    def up_to_date(self) -> list[int]:
-        return [i for i, r in enumerate(self.group_replicas) if self.steps[r] == self.max_step]
+    def ranks_of(self, replicas: tuple[str, ...]) -> list[int]:
+        return [self.group_replicas.index(r) for r in replicas]
 
 
 def gloo_device(local_address: str) -> Any:
@@ -72,20 +74,20 @@ def gloo_device(local_address: str) -> Any:
 
 def new_process_group(
     backend: str,
-    store: Any,
-    info: EpochInfo,
+    prefix_store: Any,
+    rank: int,
+    size: int,
     timeout: float,
     local_address: str,
     device_index: int | None = None,
 ) -> Any:
-    """Create the process group of one epoch (blocking rendezvous on the store)."""
-    prefix_store = dist.PrefixStore(info.store_prefix, store)
+    """Create one process group (blocking rendezvous on `prefix_store`)."""
     if backend == "gloo":
         opts = dist.ProcessGroupGloo._Options()
         opts._timeout = timedelta(seconds=timeout)
         opts._devices = [gloo_device(local_address)]
         opts._threads = 2
-        return dist.ProcessGroupGloo(prefix_store, info.rank, info.world_size, opts)
+        return dist.ProcessGroupGloo(prefix_store, rank, size, opts)
     if backend == "nccl":
         import torch
 
@@ -93,7 +95,7 @@ def new_process_group(
             torch.cuda.set_device(device_index)
         opts = dist.ProcessGroupNCCL.Options()
         opts._timeout = timedelta(seconds=timeout)
-        return dist.ProcessGroupNCCL(prefix_store, info.rank, info.world_size, opts)
+        return dist.ProcessGroupNCCL(prefix_store, rank, size, opts)
     raise ValueError(f"unknown backend {backend!r}; use 'gloo' or 'nccl'")
 
 

@@ -32,11 +32,14 @@ from lococomm.collectives.abort import AbortSignal
 from lococomm.collectives.buffers import BufferPool, Graveyard
 from lococomm.collectives.communicator import Communicator, Handle
 from lococomm.ft.epoch import EpochInfo, build_with_abort, new_process_group
+from lococomm.ft.healing import Healer, HealError
+from lococomm.ft.state import ReplicatedState
 from lococomm.membership.client import CoordinatorClient, CoordinatorUnavailable
 
 log = logging.getLogger(__name__)
 
 _MAX_REPORTED_SIGNATURES = 16
+_MAX_TENSOR_DIGESTS = 8192
 
 
 @dataclass
@@ -62,6 +65,7 @@ class _EpochContext:
     info: EpochInfo
     abort: AbortSignal
     comm: Communicator | None = None
+    commits: int = 0
 
 
 class Manager:
@@ -81,6 +85,10 @@ class Manager:
             group's size (torchrun LOCAL_RANK / LOCAL_WORLD_SIZE); one cross-replica group is
             built per local rank.
         quorum_timeout: seconds start_step() waits for a quorum before raising TimeoutError.
+        state: the replicated state (an object with state_dict()/load_state_dict(), or a dict
+            of them); healed into joiners and compared by digest. See `register_state`.
+        parity_every: compare state digests across members every this many steps (and at the
+            first commit after every heal); 0 disables the periodic check.
     """
 
     def __init__(
@@ -97,6 +105,8 @@ class Manager:
         connect_timeout: float = 60.0,
         reconnect_timeout: float = 120.0,
         device: torch.device | str | None = None,
+        state: Any = None,
+        parity_every: int = 100,
     ) -> None:
         if backend not in ("gloo", "nccl"):
             raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
@@ -114,6 +124,11 @@ class Manager:
             device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else "cpu"
         self.device = torch.device(device)
         self.metrics = StepMetrics()
+        self.parity_every = int(parity_every)
+        self._state = ReplicatedState()
+        if state is not None:
+            self._state.register_all(state)
+        self._synced = False  # becomes True once this worker's state is known to match
         self._cond = threading.Condition()
         self._epoch_message: dict[str, Any] | None = None
         self._decisions: dict[tuple[int, int], dict[str, Any]] = {}
@@ -129,6 +144,7 @@ class Manager:
         self._signature_hash = hashlib.blake2b(digest_size=16)
         self._pending: list[Handle] = []
         self._report: dict[str, Any] = {}
+        self._digest_paths: list[str] = []
         self._store: Any = None
         self._store_generation = -1
         self._closed = False
@@ -219,6 +235,16 @@ class Manager:
     def last_failure(self) -> str:
         return self.metrics.last_failure
 
+    # ------------------------------------------------------------------ replicated state
+    def register_state(self, name: str, obj: Any) -> None:
+        """Add an object (state_dict()/load_state_dict(), or a plain dict) to the replicated
+        state: joiners receive it, and digests compare it across members."""
+        self._state.register(name, obj)
+
+    def digest(self) -> str:
+        """blake2b digest of the replicated state (identical on all members after a commit)."""
+        return self._state.digest()[0]
+
     # ------------------------------------------------------------------ step protocol
     def start_step(self) -> None:
         """Begin a step: re-quorum (and heal) only if membership changed or a step failed."""
@@ -255,25 +281,41 @@ class Manager:
         if not self._early_voted:
             if self._failure is None and ctx.abort.aborted:
                 self._failure = f"aborted: {ctx.abort.reason}"
-            sent = self._client.send(
-                {
-                    "type": "vote",
-                    "epoch": ctx.info.number,
-                    "step": self._step,
-                    "ok": self._failure is None,
-                    "reason": self._failure or "",
-                    "signature": self._signature_hash.hexdigest(),
-                    "signatures": self._signatures[:_MAX_REPORTED_SIGNATURES],
-                    "info": self._report,
-                }
-            )
+            vote = {
+                "type": "vote",
+                "epoch": ctx.info.number,
+                "step": self._step,
+                "ok": self._failure is None,
+                "reason": self._failure or "",
+                "signature": self._signature_hash.hexdigest(),
+                "signatures": self._signatures[:_MAX_REPORTED_SIGNATURES],
+                "info": self._report,
+            }
+            if self._failure is None and self._parity_due(ctx):
+                digest, per_tensor, self._digest_paths = self._state.digest()
+                vote["digest"] = digest
+                vote["tensor_digests"] = per_tensor[:_MAX_TENSOR_DIGESTS]
+            sent = self._client.send(vote)
             if not sent:
                 return self._step_failed("lost the coordinator before voting")
         decision = self._wait_decision(key)
+        ctx.commits += 1
         if decision is None:
             return self._step_failed(self._failure or "no commit decision from the coordinator")
         if decision.get("reconfigure"):
             self._need_quorum = True
+        resync = decision.get("resync") or {}
+        if self.replica_id in resync:
+            index = int(resync[self.replica_id])
+            paths = self._digest_paths
+            name = paths[index] if index < len(paths) else f"#{index}"
+            log.error(
+                "bit-parity mismatch at step %d: this worker's tensor %r differs from the "
+                "majority; healing from an up-to-date member",
+                self._step,
+                name,
+            )
+            self._synced = False
         if not decision["ok"]:
             return self._step_failed(self._failure or str(decision.get("reason", "")))
         self._step += 1
@@ -396,6 +438,12 @@ class Manager:
         comm = self._ctx.comm if self._ctx else None
         return self._bytes_retired + (comm.bytes_sent if comm else 0)
 
+    def _parity_due(self, ctx: _EpochContext) -> bool:
+        """Digests ride on this vote? Decided from facts every member shares (step, epoch)."""
+        if ctx.info.healed and ctx.commits == 0:
+            return True
+        return self.parity_every > 0 and self._step > 0 and self._step % self.parity_every == 0
+
     def _check_client(self) -> None:
         if self._client.failure:
             raise CoordinatorUnavailable(self._client.failure)
@@ -469,7 +517,9 @@ class Manager:
             generation = self._client.generation
             with self._cond:
                 self._epoch_message = None
-            sent = self._client.send({"type": "quorum", "step": self._step})
+            sent = self._client.send(
+                {"type": "quorum", "step": self._step, "synced": self._synced or not len(self._state)}
+            )
             message = self._wait_epoch_message(generation, sent, deadline)
             if message is None:
                 continue
@@ -483,11 +533,16 @@ class Manager:
             if not self._build_group(ctx):
                 self._retire_epoch("rendezvous failed")
                 continue
+            try:
+                self._heal(ctx)
+            except HealError as e:
+                log.warning("epoch %d: healing failed (%s); forming a new quorum", info.number, e)
+                self._retire_epoch(f"healing failed: {e}")
+                continue
             self._need_quorum = False
             self._last_epoch = info.number
             self._last_members = list(info.replicas)
             self.metrics.epochs += 1
-            self._after_quorum(ctx)
             self.metrics.quorum_seconds = time.monotonic() - started
             log.info(
                 "epoch %d: rank %d/%d, members %s, step %d (quorum %.1f ms)",
@@ -500,18 +555,49 @@ class Manager:
             )
             return
 
-    def _after_quorum(self, ctx: _EpochContext) -> None:
-        """Bring this worker to the epoch's step (healing happens in subclasses/mixins)."""
-        if self._step < ctx.info.max_step:
-            log.warning(
-                "worker %s is at step %d, epoch %d is at step %d: adopting the step count "
-                "(no replicated state registered to heal)",
-                self.replica_id,
-                self._step,
-                ctx.info.number,
-                ctx.info.max_step,
+    def _heal(self, ctx: _EpochContext) -> None:
+        """Run this epoch's healing plan; afterwards every member is at the epoch's step."""
+        info = ctx.info
+        comm = ctx.comm
+        assert comm is not None
+        if info.receivers and comm.world_size > 1:
+            started = time.monotonic()
+            store = dist.PrefixStore(f"{info.store_prefix}/heal", self._get_store())
+            healer = Healer(
+                comm,
+                store,
+                self._state,
+                info.ranks_of(info.sources),
+                info.ranks_of(info.receivers),
+                make_group=lambda suffix, rank, size: self._new_group(
+                    f"{info.store_prefix}/{suffix}", rank, size
+                ),
             )
-            self._step = ctx.info.max_step
+            healer.run()
+            seconds = time.monotonic() - started
+            if self.replica_id in info.receivers:
+                self.metrics.heal_seconds = seconds
+                self.metrics.heal_bytes = healer.bytes_moved
+                log.info(
+                    "healed %d bytes of state from %s in %.3f s (step %d -> %d)",
+                    healer.bytes_moved,
+                    list(info.sources),
+                    seconds,
+                    self._step,
+                    info.max_step,
+                )
+        elif self._step < info.max_step:
+            # Only possible for a local rank that exists in no other replica group (groups of
+            # different sizes): there is no peer holding this shard.
+            log.warning(
+                "local rank %d is behind (step %d < %d) and no other replica holds its shard; "
+                "replica groups should have equal sizes",
+                self.group_rank,
+                self._step,
+                info.max_step,
+            )
+        self._step = info.max_step
+        self._synced = True
 
     def _wait_epoch_message(
         self, generation: int, sent: bool, deadline: float
@@ -542,16 +628,8 @@ class Manager:
         info = ctx.info
         pg = None
         if info.world_size > 1:
-            store = self._get_store()
             pg, err = build_with_abort(
-                lambda: new_process_group(
-                    self.backend,
-                    store,
-                    info,
-                    self.timeout,
-                    self._client.local_address,
-                    self.device.index if self.device.type == "cuda" else None,
-                ),
+                lambda: self._new_group(info.store_prefix, info.rank, info.world_size),
                 ctx.abort,
                 self.timeout,
             )
@@ -571,6 +649,18 @@ class Manager:
             device=self.device,
         )
         return True
+
+    def _new_group(self, prefix: str, rank: int, size: int) -> Any:
+        """A process group of `size` ranks rendezvousing under `prefix` of the epoch store."""
+        return new_process_group(
+            self.backend,
+            dist.PrefixStore(prefix, self._get_store()),
+            rank,
+            size,
+            self.timeout,
+            self._client.local_address,
+            self.device.index if self.device.type == "cuda" else None,
+        )
 
     def _get_store(self) -> Any:
         if self._store is None or self._store_generation != self._client.generation:

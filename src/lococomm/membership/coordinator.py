@@ -278,7 +278,9 @@ class Coordinator:
             if kind == "hb":
                 return
             if kind == "quorum":
-                actions = self.state.request_quorum(conn.id, _int(msg, "step"), now)
+                actions = self.state.request_quorum(
+                    conn.id, _int(msg, "step"), now, synced=_bool(msg, "synced", True)
+                )
             elif kind == "vote":
                 actions = self.state.vote(
                     conn.id,
@@ -290,6 +292,8 @@ class Coordinator:
                     _str(msg, "reason", ""),
                     _info(msg),
                     now,
+                    digest=_str(msg, "digest", ""),
+                    tensor_digests=_str_list(msg, "tensor_digests"),
                 )
             elif kind == "leave":
                 actions = self.state.disconnect(conn.id, "left gracefully", now, kind="leave")
@@ -409,8 +413,8 @@ def _int(msg: dict[str, Any], name: str, default: int | None = None) -> int:
     return value
 
 
-def _bool(msg: dict[str, Any], name: str) -> bool:
-    value = msg.get(name)
+def _bool(msg: dict[str, Any], name: str, default: bool | None = None) -> bool:
+    value = msg.get(name, default)
     if not isinstance(value, bool):
         raise wire.ProtocolError(f"field {name!r} must be a boolean")
     return value

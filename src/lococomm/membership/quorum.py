@@ -68,6 +68,7 @@ class Worker:
     registered_at: float
     last_seen: float
     waiting: bool = False
+    synced: bool = False  # its replicated state is known to match the others' (not fresh)
     requested_at: float = 0.0
     epoch: int | None = None
     info: dict[str, Any] = field(default_factory=dict)
@@ -203,9 +204,10 @@ class QuorumState:
         actions = self._remove(conn, reason, kind, now)
         return actions + self._maybe_form_epoch(now)
 
-    def request_quorum(self, conn: int, step: int, now: float) -> list[Action]:
+    def request_quorum(self, conn: int, step: int, now: float, synced: bool = True) -> list[Action]:
         worker = self.workers[conn]
         worker.step = step
+        worker.synced = synced
         actions: list[Action] = []
         epoch = self.current
         if epoch is not None and epoch.live and worker.epoch == epoch.number:
@@ -233,8 +235,11 @@ class QuorumState:
         reason: str,
         info: dict[str, Any],
         now: float,
+        digest: str = "",
+        tensor_digests: list[str] | None = None,
     ) -> list[Action]:
-        """A member's commit vote for `step` of `epoch_number`."""
+        """A member's commit vote for `step` of `epoch_number` (with a state digest on parity
+        steps)."""
         worker = self.workers[conn]
         if info:
             worker.info = info
@@ -255,12 +260,21 @@ class QuorumState:
         if not ok:
             why = f"member {worker.replica_id} failed the step: {reason or 'no reason given'}"
             return self._decide(epoch, False, why)
-        epoch.votes[conn] = {"signature": signature, "signatures": signatures[:MAX_SIGNATURES_REPORTED]}
+        epoch.votes[conn] = {
+            "signature": signature,
+            "signatures": signatures[:MAX_SIGNATURES_REPORTED],
+            "digest": digest,
+            "tensor_digests": tensor_digests or [],
+        }
         if len(epoch.votes) < len(epoch.all_conns()):
             return []
         clash = self._signature_clash(epoch)
         if clash:
             return self._decide(epoch, False, clash)
+        resync, why = self._parity_mismatch(epoch)
+        if resync:
+            self._event(now, "parity-mismatch", ",".join(sorted(resync)), why, epoch.number)
+            return self._decide(epoch, False, why, resync)
         return self._decide(epoch, True, "")
 
     def tick(self, now: float) -> list[Action]:
@@ -308,7 +322,15 @@ class QuorumState:
             return self._end_epoch(epoch, f"member {worker.replica_id} {kind}: {reason}", now)
         return []
 
-    def _decision(self, epoch: int, step: int, ok: bool, reconfigure: bool, reason: str) -> dict:
+    def _decision(
+        self,
+        epoch: int,
+        step: int,
+        ok: bool,
+        reconfigure: bool,
+        reason: str,
+        resync: dict[str, int] | None = None,
+    ) -> dict:
         return {
             "type": "decision",
             "epoch": epoch,
@@ -316,9 +338,12 @@ class QuorumState:
             "ok": ok,
             "reconfigure": reconfigure,
             "reason": reason,
+            "resync": resync or {},
         }
 
-    def _decide(self, epoch: Epoch, ok: bool, reason: str) -> list[Action]:
+    def _decide(
+        self, epoch: Epoch, ok: bool, reason: str, resync: dict[str, int] | None = None
+    ) -> list[Action]:
         step = epoch.step
         epoch.last_decision = (step, ok, reason)
         epoch.votes.clear()
@@ -332,7 +357,7 @@ class QuorumState:
             epoch.live = False
             epoch.end_reason = reason
             log.warning("epoch %d step %d failed: %s", epoch.number, step, reason)
-        message = self._decision(epoch.number, step, ok, not epoch.live, reason)
+        message = self._decision(epoch.number, step, ok, not epoch.live, reason, resync)
         return [Send(c, message) for c in epoch.all_conns() if c in self.workers]
 
     def _end_epoch(self, epoch: Epoch, reason: str, now: float) -> list[Action]:
@@ -360,6 +385,46 @@ class QuorumState:
                         f"{name} ran {b}"
                     )
         return "collective signatures differ across members"
+
+    def _parity_mismatch(self, epoch: Epoch) -> tuple[dict[str, int], str]:
+        """Compare state digests (per local rank: each holds its own shard). Returns the
+        replicas that differ from the majority, each with the first differing tensor index."""
+        votes = {c: v for c, v in epoch.votes.items() if v["digest"]}
+        if not votes:
+            return {}, ""
+        resync: dict[str, int] = {}
+        details = []
+        by_rank: dict[int, list[int]] = {}
+        for conn in votes:
+            by_rank.setdefault(self.workers[conn].group_rank, []).append(conn)
+        for conns in by_rank.values():
+            groups: dict[str, list[int]] = {}
+            for conn in conns:
+                groups.setdefault(votes[conn]["digest"], []).append(conn)
+            if len(groups) <= 1:
+                continue
+            order = {c: i for i, c in enumerate(epoch.all_conns())}
+            # Majority wins; a tie goes to the group holding the lowest-ranked member.
+            majority = max(groups.values(), key=lambda g: (len(g), -min(order[c] for c in g)))
+            reference = votes[majority[0]]["tensor_digests"]
+            for group in groups.values():
+                if group is majority:
+                    continue
+                for conn in group:
+                    mine = votes[conn]["tensor_digests"]
+                    first = next(
+                        (i for i, (a, b) in enumerate(zip(mine, reference)) if a != b),
+                        min(len(mine), len(reference)),
+                    )
+                    replica = self.workers[conn].replica_id
+                    resync[replica] = first
+                    details.append(f"{replica} (tensor #{first})")
+        if not resync:
+            return {}, ""
+        return resync, (
+            f"bit-parity mismatch at step {epoch.step}: {', '.join(details)} differ from the "
+            "majority; they will be healed"
+        )
 
     def _replica_ranks(self) -> dict[str, dict[int, Worker]]:
         replicas: dict[str, dict[int, Worker]] = {}
@@ -420,6 +485,7 @@ class QuorumState:
         self.epoch_counter += 1
         number = self.epoch_counter
         steps = {r: min(w.step for w in replicas[r].values()) for r in order}
+        synced = {r: all(w.synced for w in replicas[r].values()) for r in order}
         max_step = max(steps.values())
         epoch = Epoch(
             number=number,
@@ -435,9 +501,17 @@ class QuorumState:
         self._event(now, "epoch", "", f"members {order} at step {max_step}", number)
         log.info("epoch %d: %d replicas %s, step %d", number, len(order), order, max_step)
         actions: list[Action] = []
+        plans = {}
+        for g in range(max(next(iter(replicas[r].values())).group_world_size for r in order)):
+            group = [r for r in order if next(iter(replicas[r].values())).group_world_size > g]
+            sources = [r for r in group if steps[r] == max_step and synced[r]]
+            if not sources:  # nobody verified yet (fresh start): the first up-to-date one leads
+                sources = [next(r for r in group if steps[r] == max_step)]
+            plans[g] = (group, sources, [r for r in group if r not in sources])
+        healed = any(receivers for _, _, receivers in plans.values())
         for rid in order:
             for g, worker in sorted(replicas[rid].items()):
-                group = [r for r in order if replicas[r][min(replicas[r])].group_world_size > g]
+                group, sources, receivers = plans[g]
                 worker.waiting = False
                 worker.epoch = number
                 actions.append(
@@ -454,6 +528,9 @@ class QuorumState:
                             "store_prefix": f"lococomm/{number}/{g}",
                             "steps": {r: steps[r] for r in group},
                             "max_step": max_step,
+                            "sources": sources,
+                            "receivers": receivers,
+                            "healed": healed,
                         },
                     )
                 )

@@ -1,0 +1,328 @@
+"""Healing: moving the replicated state from up-to-date members to joiners and laggards.
+
+Protocol (inside one epoch, after its process group is built; the coordinator's epoch plan
+names the sources and receivers, bystanders take no part):
+
+1. The primary source (lowest rank) publishes `heal/meta` in the epoch's store: the JSON
+   skeleton (all non-tensor state), tensor specs, source ranks and chunk size. Names, shapes
+   and dtypes never travel any other way, and nothing is pickled.
+2. The state's bytes are cut into chunks (`plan_chunks`: big tensors split, small ones
+   packed); chunk i comes from source i mod len(sources), so a large state is spread over
+   every healthy source. Each source broadcasts its chunks in a small group of its own
+   ({source} + receivers), straight from its tensors, and hashes each chunk while it travels.
+   Receivers receive into a ring of private staging buffers (bounded memory; an abandoned
+   receive can only ever write into a staging buffer), hash each chunk and copy it into place.
+3. Each source publishes its chunk digests; a receiver loads the state only if every chunk
+   matches, and the first commit of the epoch compares full-state digests across members.
+
+Why broadcast in per-source groups rather than send/recv: gloo's send/recv works report
+completion only through a blocking `wait()`, and a timed-out `wait(timeout)` closes the pair,
+so they cannot be waited on in abort-aware slices; broadcast works can.
+
+A source that dies mid-transfer ends the epoch (the coordinator sees it); the receiver is still
+behind in the next epoch and heals from the remaining sources.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lococomm.collectives.abort import AbortSignal
+from lococomm.collectives.communicator import Communicator
+from lococomm.ft.state import ReplicatedState, TensorSpec
+
+log = logging.getLogger(__name__)
+
+CHUNK_BYTES = 16 << 20
+WINDOW = 4  # chunks in flight per peer: bounds staging memory to WINDOW * CHUNK_BYTES
+
+
+@dataclass(frozen=True)
+class Segment:
+    tensor: int
+    start: int  # byte offsets within the tensor
+    end: int
+
+
+def plan_chunks(specs: list[TensorSpec], chunk_bytes: int = CHUNK_BYTES) -> list[list[Segment]]:
+    """Cut the state's bytes into chunks of <= chunk_bytes (pure: same on every member)."""
+    chunks: list[list[Segment]] = []
+    current: list[Segment] = []
+    size = 0
+    for index, spec in enumerate(specs):
+        nbytes = spec.nbytes
+        if nbytes == 0:
+            continue
+        if nbytes >= chunk_bytes:
+            for start in range(0, nbytes, chunk_bytes):
+                chunks.append([Segment(index, start, min(nbytes, start + chunk_bytes))])
+            continue
+        if size + nbytes > chunk_bytes:
+            chunks.append(current)
+            current, size = [], 0
+        current.append(Segment(index, 0, nbytes))
+        size += nbytes
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def chunk_nbytes(chunk: list[Segment]) -> int:
+    return sum(s.end - s.start for s in chunk)
+
+
+class HealError(RuntimeError):
+    """The transfer failed (peer gone, abort, timeout, or a digest mismatch)."""
+
+
+def _root_zero() -> Any:
+    import torch.distributed as dist
+
+    opts = dist.BroadcastOptions()
+    opts.rootRank = 0
+    return opts
+
+
+def _byte_view(tensor: torch.Tensor) -> torch.Tensor:
+    t = tensor.detach()
+    if t.dtype == torch.bool:
+        t = t.to(torch.uint8)
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def wait_key(store: Any, key: str, abort: AbortSignal, deadline: float) -> None:
+    """Poll the store for `key` without blocking past an abort."""
+    delay = 0.001
+    while True:
+        try:
+            if store.check([key]):
+                return
+        except Exception as e:  # the store (coordinator) went away
+            raise HealError(f"store unavailable while waiting for {key!r}: {e}") from e
+        if abort.aborted:
+            raise HealError(f"aborted: {abort.reason}")
+        if time.monotonic() > deadline:
+            raise HealError(f"timed out waiting for {key!r}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.02)
+
+
+def chunk_digest(data: torch.Tensor) -> str:
+    """blake2b (8 bytes) of one chunk's bytes (a CPU uint8 tensor)."""
+    view = data if data.device.type == "cpu" else data.cpu()
+    return hashlib.blake2b(memoryview(view.numpy()), digest_size=8).hexdigest()
+
+
+GroupFactory = Callable[[str, int, int], Any]  # (store suffix, rank, size) -> process group
+
+
+class Healer:
+    """Runs one epoch's heal for this member (source, receiver or bystander)."""
+
+    def __init__(
+        self,
+        comm: Communicator,
+        store: Any,
+        state: ReplicatedState,
+        sources: list[int],
+        receivers: list[int],
+        make_group: GroupFactory,
+        chunk_bytes: int = CHUNK_BYTES,
+    ) -> None:
+        self.comm = comm
+        self.store = store
+        self.state = state
+        self.sources = sorted(sources)
+        self.receivers = sorted(receivers)
+        self.make_group = make_group
+        self.chunk_bytes = chunk_bytes
+        self.deadline = time.monotonic() + comm.timeout
+        self.bytes_moved = 0
+        self._groups: list[Any] = []
+
+    def run(self) -> None:
+        rank = self.comm.rank
+        try:
+            if rank in self.sources:
+                self._as_source()
+            elif rank in self.receivers:
+                self._as_receiver()
+        finally:
+            for group in self._groups:
+                self.comm.graveyard.retire_group(group)
+            self._groups.clear()
+
+    # ------------------------------------------------------------------ source side
+    def _as_source(self) -> None:
+        snapshot = self.state.snapshot()
+        rank = self.comm.rank
+        if rank == self.sources[0]:
+            meta = {
+                "skeleton": snapshot.skeleton,
+                "specs": [s.to_json() for s in snapshot.specs],
+                "sources": self.sources,
+                "chunk_bytes": self.chunk_bytes,
+            }
+            self.store.set("heal/meta", json.dumps(meta))
+        wait_key(self.store, "heal/meta", self.comm.abort, self.deadline)
+        meta = json.loads(self.store.get("heal/meta"))
+        if [s.to_json() for s in snapshot.specs] != meta["specs"]:
+            raise HealError("this source's tensor layout differs from the primary source's")
+        sources = meta["sources"]
+        chunks = plan_chunks(snapshot.specs, meta["chunk_bytes"])
+        mine = [i for i in range(len(chunks)) if sources[i % len(sources)] == rank]
+        log.info(
+            "heal: sending %d of %d chunks (%d bytes of state) to ranks %s",
+            len(mine),
+            len(chunks),
+            snapshot.nbytes,
+            self.receivers,
+        )
+        group = self._build({f"heal/{rank}": (0, 1 + len(self.receivers))})[f"heal/{rank}"]
+        views = [_byte_view(t) if s.nbytes else None for s, t in zip(snapshot.specs, snapshot.tensors)]
+        opts = _root_zero()
+        digests: dict[str, str] = {}
+        in_flight: list[tuple[Any, torch.Tensor]] = []
+        for index in mine:
+            chunk = chunks[index]
+            if len(chunk) == 1:
+                seg = chunk[0]
+                data = views[seg.tensor][seg.start : seg.end]  # type: ignore[index]
+            else:  # small tensors packed into one message
+                data = torch.cat([views[s.tensor][s.start : s.end] for s in chunk])  # type: ignore[index]
+            data = self._on_comm_device(data)
+            work = group.broadcast([data], opts)
+            in_flight.append((work, data))
+            digests[str(index)] = chunk_digest(data)  # overlaps the transfer (read-only)
+            self.bytes_moved += data.numel() * len(self.receivers)
+            if len(in_flight) >= WINDOW:
+                self._wait([in_flight.pop(0)], pending=in_flight)
+        self._wait(in_flight)
+        self.store.set(f"heal/chunks/{rank}", json.dumps(digests))
+
+    # ------------------------------------------------------------------ receiver side
+    def _as_receiver(self) -> None:
+        wait_key(self.store, "heal/meta", self.comm.abort, self.deadline)
+        meta = json.loads(self.store.get("heal/meta"))
+        specs = [TensorSpec.from_json(item) for item in meta["specs"]]
+        sources = meta["sources"]
+        if not sources:
+            raise HealError("no source to heal from")
+        my_rank = 1 + self.receivers.index(self.comm.rank)
+        size = 1 + len(self.receivers)
+        groups = self._build({f"heal/{s}": (my_rank, size) for s in sources})
+        targets = self._targets(specs)
+        chunks = plan_chunks(specs, meta["chunk_bytes"])
+        # bool tensors travel as uint8 (one byte each) and are converted after the transfer.
+        landing = [t.view(torch.uint8) if t.dtype == torch.bool else t for t in targets]
+        views = [t.detach().reshape(-1).view(torch.uint8) for t in landing]
+        staging = [
+            torch.empty(meta["chunk_bytes"], dtype=torch.uint8, device=self.comm.device)
+            for _ in range(min(WINDOW * len(sources), max(1, len(chunks))))
+        ]
+        opts = _root_zero()
+        free = list(range(len(staging)))
+        received: dict[str, str] = {}
+        in_flight: list[tuple[Any, int, int]] = []  # (work, chunk index, staging slot)
+        next_chunk = 0
+        while next_chunk < len(chunks) or in_flight:
+            while free and next_chunk < len(chunks):
+                slot = free.pop()
+                buf = staging[slot][: chunk_nbytes(chunks[next_chunk])]
+                group = groups[f"heal/{sources[next_chunk % len(sources)]}"]
+                in_flight.append((group.broadcast([buf], opts), next_chunk, slot))
+                next_chunk += 1
+            work, index, slot = in_flight.pop(0)
+            self._wait([(work, staging[slot])], pending=[(w, staging[s]) for w, _, s in in_flight])
+            nbytes = chunk_nbytes(chunks[index])
+            received[str(index)] = chunk_digest(staging[slot][:nbytes])
+            offset = 0
+            for seg in chunks[index]:
+                n = seg.end - seg.start
+                views[seg.tensor][seg.start : seg.end].copy_(staging[slot][offset : offset + n])
+                offset += n
+            self.bytes_moved += offset
+            free.append(slot)
+        expected: dict[str, str] = {}
+        for source in sources:
+            wait_key(self.store, f"heal/chunks/{source}", self.comm.abort, self.deadline)
+            expected.update(json.loads(self.store.get(f"heal/chunks/{source}")))
+        bad = sorted(int(i) for i in expected if received.get(i) != expected[i])
+        if bad or len(expected) != len(chunks):
+            raise HealError(f"state chunks {bad[:8]} arrived corrupted (digest mismatch)")
+        targets = [t.view(torch.bool) if s.dtype == "bool" else t for s, t in zip(specs, landing)]
+        self.state.load(meta["skeleton"], targets)
+
+    # ------------------------------------------------------------------ helpers
+    def _build(self, wanted: dict[str, tuple[int, int]]) -> dict[str, Any]:
+        """Build the heal groups (in parallel; a receiver joins one per source)."""
+        results: dict[str, Any] = {}
+        errors: list[str] = []
+
+        def build(suffix: str, rank: int, size: int) -> None:
+            try:
+                results[suffix] = self.make_group(suffix, rank, size)
+            except BaseException as e:
+                errors.append(f"{suffix}: {e}")
+            self.comm.abort.notify()
+
+        threads = [
+            threading.Thread(target=build, args=(k, r, n), daemon=True, name="lococomm-heal-group")
+            for k, (r, n) in wanted.items()
+        ]
+        for thread in threads:
+            thread.start()
+        err = self.comm.abort.wait_until(
+            lambda: len(results) + len(errors) == len(wanted), self.deadline
+        )
+        self._groups.extend(results.values())
+        if err is not None:
+            raise HealError(f"heal group rendezvous {err}")
+        if errors:
+            raise HealError(f"heal group rendezvous failed: {errors[0]}")
+        return results
+
+    def _targets(self, specs: list[TensorSpec]) -> list[torch.Tensor]:
+        """Receive into this worker's own tensors where they match (no extra copy of a model),
+        else into fresh ones (e.g. optimizer state a joiner has not created yet)."""
+        own = self.state.snapshot()
+        live = {s.path: t for s, t in zip(own.specs, own.tensors)}
+        targets = []
+        for spec in specs:
+            dtype = getattr(torch, spec.dtype)
+            current = live.get(spec.path)
+            if (
+                current is not None
+                and current.dtype == dtype
+                and tuple(current.shape) == spec.shape
+                and current.is_contiguous()
+            ):
+                targets.append(current)
+            else:
+                device = self.comm.device if spec.device_type != "cpu" else torch.device("cpu")
+                targets.append(torch.empty(spec.shape, dtype=dtype, device=device))
+        return targets
+
+    def _on_comm_device(self, data: torch.Tensor) -> torch.Tensor:
+        if data.device != self.comm.device:
+            return data.to(self.comm.device)
+        return data
+
+    def _wait(self, items: list[tuple[Any, torch.Tensor]], pending: list | None = None) -> None:
+        """Wait for heal works; on failure bury them (and any still in flight) with buffers."""
+        err = self.comm.wait([w for w, _ in items], self.deadline)
+        if err is not None:
+            # Abandoned sends/receives may still touch their buffers: keep them alive.
+            everything = items + (pending or [])
+            self.comm.graveyard.bury([w for w, _ in everything], [b for _, b in everything])
+            raise HealError(err)
+

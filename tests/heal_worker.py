@@ -1,0 +1,89 @@
+"""A worker that trains a tiny model with replicated state (model + Adam + extras) for healing
+and parity tests. Each worker starts from a different random init; healing makes them equal."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+
+import torch
+
+import lococomm as lc
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--coordinator", required=True)
+    parser.add_argument("--replica", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--parity-every", type=int, default=100)
+    parser.add_argument("--corrupt-at", type=int, default=-1)
+    parser.add_argument("--kill-at", type=int, default=-1)
+    parser.add_argument("--extra-mb", type=float, default=0.0, help="extra replicated buffer")
+    parser.add_argument("--step-sleep", type=float, default=0.0)
+    parser.add_argument("--save", default="", help="torch.save the final state here")
+    args = parser.parse_args()
+    logging.basicConfig(
+        level=logging.INFO, format=f"%(asctime)s {args.replica} %(name)s: %(message)s", stream=sys.stderr
+    )
+    torch.set_num_threads(1)
+    torch.manual_seed(int(args.replica.lstrip("w")) + 100)  # a different init on every worker
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Tanh(), torch.nn.Linear(64, 4))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    extra = {"counter": 0, "note": "replicated"}
+    state = {"model": model, "optimizer": optimizer, "extra": extra}
+    if args.extra_mb:
+        state["blob"] = {"data": torch.randn(int(args.extra_mb * (1 << 20) / 4))}
+    manager = lc.Manager(
+        args.coordinator, replica_id=args.replica, timeout=30, state=state, parity_every=args.parity_every
+    )
+    out = open(args.out, "a", buffering=1)
+    corrupted = False
+    while manager.step < args.steps:
+        manager.start_step()
+        step = manager.step
+        if step == args.kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        generator = torch.Generator().manual_seed(step * 1000 + int(args.replica.lstrip("w")))
+        x = torch.randn(16, 32, generator=generator)
+        y = torch.randint(0, 4, (16,), generator=generator)
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        grads = [p.grad for p in model.parameters()]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        manager.allreduce(flat, op="mean")
+        committed = manager.commit()
+        if committed:
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset : offset + g.numel()].view_as(g))
+                offset += g.numel()
+            optimizer.step()
+            extra["counter"] += 1
+        if committed and step == args.corrupt_at and not corrupted:
+            corrupted = True
+            with torch.no_grad():
+                model[2].weight[0, 0] += 1.0  # silent corruption of one replica
+        out.write(json.dumps({
+            "event": "step", "step": step, "committed": committed, "members": manager.members,
+            "loss": loss.item(), "digest": manager.digest(), "counter": extra["counter"],
+            "time": time.time(),
+        }) + "\n")
+        if args.step_sleep:
+            time.sleep(args.step_sleep)
+    final = {"event": "done", "step": manager.step, "digest": manager.digest(), "counter": extra["counter"]}
+    out.write(json.dumps(final) + "\n")
+    if args.save:
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "extra": extra}, args.save)
+    manager.close()
+
+
+if __name__ == "__main__":
+    main()

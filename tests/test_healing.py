@@ -1,0 +1,94 @@
+"""Healing joiners and laggards, and bit-parity checks, with real processes."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+import torch
+
+
+def _heal_worker(workers, coordinator, name, *args):
+    return workers.start(name, "heal_worker.py", "--coordinator", coordinator.address, "--replica", name, *args)
+
+
+def _assert_states_equal(paths):
+    states = [torch.load(p, weights_only=False) for p in paths]
+    reference = states[0]
+    for other in states[1:]:
+        for key in ("model",):
+            for name, tensor in reference[key].items():
+                assert torch.equal(tensor, other[key][name]), name
+        ref_opt, opt = reference["optimizer"]["state"], other["optimizer"]["state"]
+        assert ref_opt.keys() == opt.keys() and ref_opt
+        for index in ref_opt:
+            for name, tensor in ref_opt[index].items():
+                assert torch.equal(tensor, opt[index][name]), (index, name)
+        assert reference["extra"] == other["extra"]
+
+
+@pytest.mark.timeout(120)
+def test_joiner_state_bit_equal_after_heal(workers, coordinator_factory, tmp_path):
+    coordinator = coordinator_factory(heartbeat_timeout=2.0, initial_workers=3)
+    for i in range(3):
+        _heal_worker(workers, coordinator, f"w{i}", "--steps", "60", "--step-sleep", "0.08",
+                     "--save", str(tmp_path / f"w{i}.pt"))
+    workers.wait_for(lambda: len(workers.records("w0", "step")) >= 15, 60, "step 15")
+    _heal_worker(workers, coordinator, "w3", "--steps", "60", "--save", str(tmp_path / "w3.pt"))
+    for name in ("w0", "w1", "w2", "w3"):
+        assert workers.wait_exit(name, 90) == 0, workers.dump()
+    # Different random inits were made identical at the very first step...
+    firsts = {workers.records(n, "step")[0]["digest"] for n in ("w0", "w1", "w2")}
+    assert len(firsts) == 1
+    # ...and the joiner became bit-identical (digest at every commit and every tensor at the end).
+    joiner = workers.records("w3", "step")
+    assert joiner[0]["step"] >= 15
+    for row in joiner:
+        others = {r["digest"] for n in ("w0", "w1", "w2") for r in workers.records(n, "step")
+                  if r["step"] == row["step"]}
+        assert others == {row["digest"]}, row["step"]
+    finals = [workers.records(n, "done")[0] for n in ("w0", "w1", "w2", "w3")]
+    assert len({f["digest"] for f in finals}) == 1
+    assert {f["counter"] for f in finals} == {60}  # non-tensor state travelled too
+    _assert_states_equal([tmp_path / f"w{i}.pt" for i in range(4)])
+    assert "healed" in workers.stderr("w3")
+
+
+@pytest.mark.timeout(180)
+def test_source_killed_during_transfer_joiner_heals_from_another(workers, coordinator_factory):
+    coordinator = coordinator_factory(heartbeat_timeout=2.0, initial_workers=3)
+    big = ("--extra-mb", "384", "--steps", "12", "--step-sleep", "0.05")
+    for i in range(3):
+        _heal_worker(workers, coordinator, f"w{i}", *big)
+    workers.wait_for(lambda: len(workers.records("w0", "step")) >= 3, 90, "training")
+    _heal_worker(workers, coordinator, "w3", *big)
+    workers.wait_for(lambda: "sending" in workers.stderr("w1"), 60, "w1 to start sending state")
+    workers.signal("w1", signal.SIGKILL)
+    for name in ("w0", "w2", "w3"):
+        assert workers.wait_exit(name, 150) == 0, workers.dump()
+    joiner_log = workers.stderr("w3")
+    assert "healing failed" in joiner_log, joiner_log[-2000:]
+    assert "healed" in joiner_log
+    finals = {workers.records(n, "done")[0]["digest"] for n in ("w0", "w2", "w3")}
+    assert len(finals) == 1
+
+
+@pytest.mark.timeout(120)
+def test_corrupted_parameter_is_detected_and_repaired(workers, coordinator_factory):
+    coordinator = coordinator_factory(heartbeat_timeout=2.0, initial_workers=3)
+    for i in range(3):
+        extra = ("--corrupt-at", "7") if i == 1 else ()
+        _heal_worker(workers, coordinator, f"w{i}", "--steps", "25", "--parity-every", "5", *extra)
+    for name in ("w0", "w1", "w2"):
+        assert workers.wait_exit(name, 90) == 0, workers.dump()
+    log = workers.stderr("w1")
+    assert "bit-parity mismatch" in log and "'model.2.weight'" in log, log[-3000:]
+    assert any(e["kind"] == "parity-mismatch" and e["replica_id"] == "w1" for e in coordinator.events())
+    # The corrupted digest never survived a parity step: after the repair all agree again.
+    rows = {n: {r["step"]: r for r in workers.records(n, "step") if r["committed"]} for n in ("w0", "w1", "w2")}
+    assert rows["w1"][8]["digest"] != rows["w0"][8]["digest"]  # corrupted after step 7
+    for step in range(11, 25):
+        assert len({rows[n][step]["digest"] for n in rows}) == 1, step
+    finals = {workers.records(n, "done")[0]["digest"] for n in ("w0", "w1", "w2")}
+    assert len(finals) == 1
