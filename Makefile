@@ -25,6 +25,10 @@ run: setup
 test: setup
 	$(PY) -m pytest -q
 
+bench: setup
+	$(PY) benchmarks/kernels.py
+	$(PY) benchmarks/ft_allreduce.py
+
 lint: setup
 	$(VENV)/bin/ruff check .
 

@@ -1,6 +1,7 @@
 """lococomm: fault-tolerant, compressed, low-communication collectives for PyTorch training."""
 
 from lococomm.collectives.communicator import Handle
+from lococomm.compress import codecs
 from lococomm.ft.manager import Manager, StepMetrics
 from lococomm.membership.client import AuthenticationError, CoordinatorUnavailable
 from lococomm.membership.coordinator import Coordinator
@@ -10,6 +11,7 @@ __all__ = [
     "Coordinator",
     "CoordinatorUnavailable",
     "Handle",
+    "codecs",
     "Manager",
     "StepMetrics",
 ]
