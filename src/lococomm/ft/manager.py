@@ -14,9 +14,11 @@ alike, because it is carried by the commit decision they all receive.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -58,6 +60,10 @@ class StepMetrics:
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items()}
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(0)
 
 
 @dataclass
@@ -165,6 +171,8 @@ class Manager:
             heartbeat_interval=heartbeat_interval,
         )
         self._client.connect()
+        # A normal interpreter exit leaves gracefully instead of looking like a crash.
+        atexit.register(self.close)
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Manager:
@@ -198,7 +206,12 @@ class Manager:
         kwargs.update(overrides)
         if kwargs["backend"] == "nccl" and "device" not in kwargs:
             kwargs["device"] = torch.device("cuda", int(env.get("LOCAL_RANK", "0")))
-        return cls(**kwargs)
+        manager = cls(**kwargs)
+        if env.get("LOCOCOMM_SIGTERM_LEAVE") == "1" and threading.current_thread() is threading.main_thread():
+            # Set by `lococomm run`: SIGTERM means "leave gracefully" (SystemExit unwinds the
+            # script; the exit hook above sends the leave).
+            signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        return manager
 
     # ------------------------------------------------------------------ properties
     @property
@@ -289,7 +302,7 @@ class Manager:
                 "reason": self._failure or "",
                 "signature": self._signature_hash.hexdigest(),
                 "signatures": self._signatures[:_MAX_REPORTED_SIGNATURES],
-                "info": self._report,
+                "info": {**self._report, "bytes": self._bytes_sent_total(), "step": self._step},
             }
             if self._failure is None and self._parity_due(ctx):
                 digest, per_tensor, self._digest_paths = self._state.digest()
@@ -328,11 +341,18 @@ class Manager:
         self._report.update({k: v for k, v in values.items() if isinstance(v, int | float | str)})
 
     def close(self) -> None:
-        """Leave gracefully (others see a leave, not a crash) and release resources."""
+        """Leave gracefully (others see a leave, not a crash) and release resources. Reports
+        this worker's step and state digest so launchers can check final bit-parity."""
         if self._closed:
             return
         self._closed = True
-        self._client.close(leave=True)
+        final: dict[str, Any] = {"step": self._step}
+        if len(self._state) and self._synced:
+            try:
+                final["digest"] = self.digest()
+            except Exception as e:  # a state that cannot be read must not block leaving
+                log.warning("could not digest the state at close: %s", e)
+        self._client.close(leave=True, final=final)
         self._retire_epoch("manager closed")
 
     def __enter__(self) -> Manager:

@@ -107,12 +107,13 @@ class CoordinatorClient:
                 self._drop(sock)
                 return False
 
-    def close(self, leave: bool = True) -> None:
-        """Stop the thread; with `leave`, tell the coordinator this is a graceful departure."""
+    def close(self, leave: bool = True, final: dict[str, Any] | None = None) -> None:
+        """Stop the thread; with `leave`, tell the coordinator this is a graceful departure
+        (with this worker's final step/digest in `final`)."""
         if self._closed.is_set():
             return
         if leave:
-            self.send({"type": "leave"})
+            self.send({"type": "leave", **(final or {})})
         self._closed.set()
         with self._send_lock:
             sock, self._sock = self._sock, None

@@ -187,6 +187,11 @@ class Coordinator:
         with self._lock:
             return [vars(e).copy() for e in self.state.events]
 
+    def finals(self) -> dict[str, dict[str, Any]]:
+        """Final step and state digest each gracefully leaving worker reported."""
+        with self._lock:
+            return {k: dict(v) for k, v in self.state.finals.items()}
+
     # ------------------------------------------------------------------ event loop
     def _loop(self) -> None:
         assert self._selector is not None
@@ -296,7 +301,10 @@ class Coordinator:
                     tensor_digests=_str_list(msg, "tensor_digests"),
                 )
             elif kind == "leave":
-                actions = self.state.disconnect(conn.id, "left gracefully", now, kind="leave")
+                final = {"step": _int(msg, "step", -1), "digest": _str(msg, "digest", "")}
+                actions = self.state.disconnect(
+                    conn.id, "left gracefully", now, kind="leave", final=final
+                )
                 actions.append(Close(conn.id, "left"))
             else:
                 raise wire.ProtocolError(f"unknown message type {kind!r}")

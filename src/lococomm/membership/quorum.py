@@ -134,6 +134,7 @@ class QuorumState:
         self._round_started: float | None = None
         self.events: list[Event] = []
         self.max_committed_step = 0
+        self.finals: dict[str, dict[str, Any]] = {}  # replica -> {"step", "digest"} at leave
 
     # ------------------------------------------------------------------ events
     def register(
@@ -199,8 +200,19 @@ class QuorumState:
         if worker is not None:
             worker.last_seen = now
 
-    def disconnect(self, conn: int, reason: str, now: float, kind: str = "crash") -> list[Action]:
-        """The connection is gone (closed, expelled, left). Ends its epoch if it was a member."""
+    def disconnect(
+        self,
+        conn: int,
+        reason: str,
+        now: float,
+        kind: str = "crash",
+        final: dict[str, Any] | None = None,
+    ) -> list[Action]:
+        """The connection is gone (closed, expelled, left). Ends its epoch if it was a member.
+        A graceful leave may report its final step and state digest (`final`)."""
+        worker = self.workers.get(conn)
+        if worker is not None and final is not None:
+            self.finals[worker.replica_id] = final
         actions = self._remove(conn, reason, kind, now)
         return actions + self._maybe_form_epoch(now)
 
@@ -217,6 +229,9 @@ class QuorumState:
         elif epoch is not None and epoch.live and not epoch.pending_join:
             epoch.pending_join = True
             self._event(now, "join-request", worker.replica_id, "", epoch.number)
+            log.info(
+                "%s asks to join: epoch %d reconfigures at its next commit", worker.replica_id, epoch.number
+            )
         worker.waiting = True
         worker.requested_at = now
         worker.epoch = None
@@ -298,6 +313,7 @@ class QuorumState:
             "live": bool(epoch and epoch.live),
             "members": list(epoch.replicas) if epoch else [],
             "step": epoch.step if epoch else self.max_committed_step,
+            "committed": self.max_committed_step,
             "workers": len(self.workers),
             "waiting": sorted({w.replica_id for w in self.workers.values() if w.waiting}),
             "info": {w.replica_id: w.info for w in self.workers.values() if w.info},
@@ -342,7 +358,12 @@ class QuorumState:
         }
 
     def _decide(
-        self, epoch: Epoch, ok: bool, reason: str, resync: dict[str, int] | None = None
+        self,
+        epoch: Epoch,
+        ok: bool,
+        reason: str,
+        resync: dict[str, int] | None = None,
+        ended: bool = False,
     ) -> list[Action]:
         step = epoch.step
         epoch.last_decision = (step, ok, reason)
@@ -356,14 +377,17 @@ class QuorumState:
         else:
             epoch.live = False
             epoch.end_reason = reason
-            log.warning("epoch %d step %d failed: %s", epoch.number, step, reason)
+            if ended:
+                log.info("epoch %d ends at step %d: %s", epoch.number, step, reason)
+            else:
+                log.warning("epoch %d step %d failed: %s", epoch.number, step, reason)
         message = self._decision(epoch.number, step, ok, not epoch.live, reason, resync)
         return [Send(c, message) for c in epoch.all_conns() if c in self.workers]
 
     def _end_epoch(self, epoch: Epoch, reason: str, now: float) -> list[Action]:
         """Kill a live epoch: every member still connected learns its current step failed."""
         self._event(now, "epoch-end", "", reason, epoch.number)
-        return self._decide(epoch, False, reason)
+        return self._decide(epoch, False, reason, ended=True)
 
     def _signature_clash(self, epoch: Epoch) -> str:
         by_sig: dict[str, list[int]] = {}
