@@ -18,9 +18,9 @@ import lococomm as lc
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--coordinator", required=True)
-    parser.add_argument("--replica", required=True)
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--coordinator", default=os.environ.get("LOCOCOMM_COORDINATOR"))
+    parser.add_argument("--replica", default=os.environ.get("LOCOCOMM_REPLICA_ID"))
+    parser.add_argument("--out", required=True, help="log path; {replica} is substituted")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--parity-every", type=int, default=100)
     parser.add_argument("--corrupt-at", type=int, default=-1)
@@ -29,6 +29,9 @@ def main() -> None:
     parser.add_argument("--step-sleep", type=float, default=0.0)
     parser.add_argument("--save", default="", help="torch.save the final state here")
     args = parser.parse_args()
+    if not args.coordinator or not args.replica:
+        parser.error("--coordinator/--replica (or LOCOCOMM_COORDINATOR/LOCOCOMM_REPLICA_ID) needed")
+    args.out = args.out.replace("{replica}", args.replica)
     logging.basicConfig(
         level=logging.INFO, format=f"%(asctime)s {args.replica} %(name)s: %(message)s", stream=sys.stderr
     )
@@ -41,9 +44,17 @@ def main() -> None:
     if args.extra_mb:
         state["blob"] = {"data": torch.randn(int(args.extra_mb * (1 << 20) / 4))}
     manager = lc.Manager(
-        args.coordinator, replica_id=args.replica, timeout=30, state=state, parity_every=args.parity_every
+        args.coordinator,
+        replica_id=args.replica,
+        timeout=30,
+        state=state,
+        parity_every=args.parity_every,
+        token=os.environ.get("LOCOCOMM_TOKEN") or None,
     )
+    if os.environ.get("LOCOCOMM_SIGTERM_LEAVE") == "1":
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     out = open(args.out, "a", buffering=1)
+    out.write(json.dumps({"event": "start", "pid": os.getpid(), "time": time.time()}) + "\n")
     corrupted = False
     while manager.step < args.steps:
         manager.start_step()
@@ -73,9 +84,10 @@ def main() -> None:
                 model[2].weight[0, 0] += 1.0  # silent corruption of one replica
         out.write(json.dumps({
             "event": "step", "step": step, "committed": committed, "members": manager.members,
-            "loss": loss.item(), "digest": manager.digest(), "counter": extra["counter"],
-            "time": time.time(),
+            "epoch": manager.epoch, "loss": loss.item(), "digest": manager.digest(),
+            "counter": extra["counter"], "time": time.time(),
         }) + "\n")
+        manager.report(loss=round(loss.item(), 4))
         if args.step_sleep:
             time.sleep(args.step_sleep)
     final = {"event": "done", "step": manager.step, "digest": manager.digest(), "counter": extra["counter"]}

@@ -190,3 +190,31 @@ def test_wrong_group_rank_is_refused():
 def test_bad_configuration_is_refused(bad):
     with pytest.raises(ValueError):
         QuorumState(**bad)
+
+
+def test_state_regression_is_refused_until_the_job_completes_gracefully():
+    state = make(2)
+    form(state, [0, 1])
+    for _ in range(3):
+        vote_all(state, [0, 1])
+    assert state.max_committed_step == 3
+    # Both members crash; a fresh worker must not silently restart training at step 0.
+    state.disconnect(0, "killed", now=3.0)
+    state.disconnect(1, "killed", now=3.0)
+    state.register(7, "fresh", 0, 1, 0, 0, [], now=3.0)
+    assert sends(state.request_quorum(7, 0, 3.1), "epoch") == []
+    assert sends(state.tick(3.2), "epoch") == []
+    # A worker resumed from a checkpoint at step 3 unblocks it (and heals the fresh one).
+    state.register(8, "resumed", 0, 1, 3, 0, [], now=3.3)
+    epochs = sends(state.request_quorum(8, 3, 3.4), "epoch")
+    assert len(epochs) == 2 and epochs[0].message["max_step"] == 3
+    assert epochs[0].message["receivers"] == ["fresh"]
+
+    # When every member leaves gracefully the job is over: newcomers may start afresh.
+    done = make(2)
+    form(done, [0, 1])
+    vote_all(done, [0, 1])
+    done.disconnect(0, "left", now=3.0, kind="leave")
+    done.disconnect(1, "left", now=3.0, kind="leave")
+    done.register(7, "next-job", 0, 1, 0, 0, [], now=3.0)
+    assert len(sends(done.request_quorum(7, 0, 3.1), "epoch")) == 1

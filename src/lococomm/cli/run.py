@@ -10,6 +10,7 @@ id after `restart_delay` seconds (a fresh process that must be healed), as a sup
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import statistics
@@ -21,6 +22,8 @@ from typing import Any, TextIO
 
 from lococomm.cli.chaos import ChaosEvent, RandomChaos, draw_random, parse
 from lococomm.membership.coordinator import Coordinator
+
+DRAIN_GRACE_SECONDS = 5.0
 
 
 @dataclasses.dataclass
@@ -62,6 +65,7 @@ class RunConfig:
     chaos_steps: int = 1000  # horizon for random chaos
     status_every: float = 1.0  # seconds between progress lines
     quiet: bool = False  # do not stream worker output
+    summary_json: str | None = None  # also write the summary here as JSON
 
 
 class Launcher:
@@ -94,6 +98,7 @@ class Launcher:
         self._print_lock = threading.Lock()
         self._next_index = config.workers
         self._finished_ok = False
+        self._finished_at = 0.0
 
     # ------------------------------------------------------------------ lifecycle
     def run(self) -> int:
@@ -114,15 +119,18 @@ class Launcher:
             self.coordinator.stop()
         return self._summary(time.monotonic() - started, events)
 
-    def _start_coordinator(self, port: int) -> None:
+    def _start_coordinator(self, port: int, first: bool = True) -> None:
         self.coordinator = Coordinator(
             host="127.0.0.1",
             port=port,
             token=self.config.token,
             heartbeat_timeout=self.config.heartbeat_timeout,
             min_workers=self.config.min_workers,
-            initial_workers=self.config.workers,
+            # The first epoch waits for every initial worker; after a restart the workers'
+            # reports of their last epoch decide whom to wait for.
+            initial_workers=self.config.workers if first else None,
             quorum_timeout=30.0,
+            single_job=True,
         ).start()
         self.address = self.coordinator.address
 
@@ -190,6 +198,7 @@ class Launcher:
                     record.rejoined_after = now - record.time
             self._fire_chaos(committed, now)
             self._reap(now)
+            self._drain(now)
             if now >= next_status:
                 self._status(snapshot)
                 next_status = now + self.config.status_every
@@ -229,7 +238,7 @@ class Launcher:
             self.events_before_restart += self.coordinator.events()
             self.finals.update(self.coordinator.finals())
             self.coordinator.stop()
-            self._start_coordinator(port)
+            self._start_coordinator(port, first=False)
             return ""
         worker = self.workers.get(event.target if event.target is not None else -1)
         if worker is None or worker.proc.poll() is not None or worker.stopped:
@@ -266,15 +275,29 @@ class Launcher:
             if code is None or getattr(worker, "_reaped", False):
                 continue
             worker._reaped = True  # type: ignore[attr-defined]
-            if code == 0:
-                self._finished_ok = True
-                continue
             if worker.expected_exit:
+                continue  # killed or told to leave by chaos
+            if code == 0:
+                if not self._finished_ok:
+                    self._finished_ok, self._finished_at = True, now
                 continue
             self.failures.append(f"w{worker.index} exited with code {code}")
             self._say(f"[launcher] w{worker.index} failed (exit code {code})")
             if self.config.restart_delay >= 0 and worker.restarts < 3 and not self._finished_ok:
                 self.restart_at[worker.index] = now + self.config.restart_delay
+
+    def _drain(self, now: float) -> None:
+        """Once the job is done, workers still starting (or healing into a group that has
+        finished) would begin a new run from scratch: stop them after a short grace period."""
+        if not self._finished_ok or now - self._finished_at < DRAIN_GRACE_SECONDS:
+            return
+        self.restart_at.clear()
+        for worker in self.workers.values():
+            if worker.proc.poll() is None and not worker.expected_exit:
+                worker.expected_exit = True
+                worker.proc.send_signal(signal.SIGCONT)
+                worker.proc.send_signal(signal.SIGTERM)
+                self._say(f"[launcher] the job is done: stopping late worker {worker.name}")
 
     def _stop_all(self) -> None:
         for worker in self.workers.values():
@@ -363,6 +386,10 @@ class Launcher:
             "failures": list(self.failures),
         }
         self._say("result: " + ("OK" if ok else "FAILED"))
+        self.summary["ok"] = ok
+        if self.config.summary_json:
+            with open(self.config.summary_json, "w") as f:
+                json.dump(self.summary, f, indent=1)
         return 0 if ok else 1
 
 

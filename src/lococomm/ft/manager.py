@@ -254,6 +254,19 @@ class Manager:
         state: joiners receive it, and digests compare it across members."""
         self._state.register(name, obj)
 
+    def resume(self, step: int) -> None:
+        """Declare that the replicated state was restored (from a checkpoint) at `step`.
+
+        Call before the first start_step(): this worker then counts as up to date at `step`
+        (a source for healing others) instead of a fresh worker that must be healed.
+        """
+        if self._in_step or self._ctx is not None:
+            raise RuntimeError("resume() must be called before the first start_step()")
+        if not isinstance(step, int) or step < 0:
+            raise ValueError(f"resume step must be a non-negative int, got {step!r}")
+        self._step = step
+        self._synced = True
+
     def digest(self) -> str:
         """blake2b digest of the replicated state (identical on all members after a commit)."""
         return self._state.digest()[0]

@@ -55,6 +55,8 @@ class Coordinator:
         recovery_timeout: after a restart, seconds to wait for the previous members to return.
         initial_workers: replicas the first epoch waits for (default min_workers), at most
             quorum_timeout seconds; later epochs only need min_workers.
+        single_job: once every member left after finishing, refuse to start a new job from
+            step 0 (`lococomm run` uses this so late workers cannot restart training).
         store_port: port of the hosted TCPStore (0 picks a free one).
     """
 
@@ -70,6 +72,7 @@ class Coordinator:
         recovery_timeout: float = 5.0,
         store_port: int = 0,
         initial_workers: int | None = None,
+        single_job: bool = False,
     ) -> None:
         if token is None:
             import os
@@ -90,6 +93,7 @@ class Coordinator:
             quorum_timeout=quorum_timeout,
             recovery_timeout=recovery_timeout,
             initial_workers=initial_workers,
+            single_job=single_job,
             now=time.monotonic(),
         )
         self._store_port_requested = store_port

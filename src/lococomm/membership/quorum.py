@@ -113,6 +113,7 @@ class QuorumState:
         quorum_timeout: float = 60.0,
         recovery_timeout: float = 5.0,
         initial_workers: int | None = None,
+        single_job: bool = False,
         now: float = 0.0,
     ) -> None:
         if heartbeat_timeout <= 0:
@@ -122,6 +123,7 @@ class QuorumState:
         self.heartbeat_timeout = heartbeat_timeout
         self.min_workers = min_workers
         self.initial_workers = max(min_workers, initial_workers or 0)
+        self.single_job = single_job
         self.join_timeout = join_timeout
         self.quorum_timeout = quorum_timeout
         self.recovery_timeout = recovery_timeout
@@ -132,6 +134,7 @@ class QuorumState:
         self._incarnations = 0
         self._last_members: list[str] = []
         self._round_started: float | None = None
+        self._regression_logged = -1e9
         self.events: list[Event] = []
         self.max_committed_step = 0
         self.finals: dict[str, dict[str, Any]] = {}  # replica -> {"step", "digest"} at leave
@@ -181,6 +184,8 @@ class QuorumState:
         )
         self.workers[conn] = worker
         self.epoch_counter = max(self.epoch_counter, last_epoch)
+        if last_epoch > 0:
+            self.max_committed_step = max(self.max_committed_step, step)
         self._event(now, "register", replica_id, f"rank {group_rank}, step {step}")
         actions.append(
             Send(
@@ -334,6 +339,15 @@ class QuorumState:
         log.info("worker %s rank %d gone (%s): %s", worker.replica_id, worker.group_rank, kind, reason)
         self._event(now, kind, worker.replica_id, reason)
         epoch = self.current
+        if kind == "leave" and epoch is not None and worker.epoch == epoch.number:
+            still_in = [w for w in self.workers.values() if w.epoch == epoch.number]
+            if not still_in:
+                # Every member of the last epoch left gracefully: the job is complete, and
+                # (unless this coordinator serves a single job) newcomers start a new one.
+                log.info("all members left after step %d: the job is complete", epoch.step)
+                if not self.single_job:
+                    self.max_committed_step = 0
+                    self._last_members = []
         if epoch is not None and epoch.live and worker.epoch == epoch.number:
             return self._end_epoch(epoch, f"member {worker.replica_id} {kind}: {reason}", now)
         return []
@@ -490,7 +504,27 @@ class QuorumState:
             return []
         if len(ready) < self.min_workers:
             return []
-        if self.current is None and len(ready) < self.initial_workers and waited < self.quorum_timeout:
+        best = max(min(w.step for w in replicas[r].values()) for r in ready)
+        if best < self.max_committed_step:
+            # Everyone holding the state of step max_committed_step is gone (crashed): forming
+            # an epoch now would silently restart training from an older state.
+            if now - self._regression_logged > 10.0:
+                self._regression_logged = now
+                log.error(
+                    "refusing to form an epoch at step %d: step %d was committed and no worker "
+                    "holding it is connected (resume the workers from a checkpoint with "
+                    "Manager.resume(step), or restart the coordinator to start over)",
+                    best,
+                    self.max_committed_step,
+                )
+            return []
+        resuming = any(w.last_epoch > 0 for w in self.workers.values())
+        if (
+            self.current is None
+            and not resuming  # after a coordinator restart the reported members count instead
+            and len(ready) < self.initial_workers
+            and waited < self.quorum_timeout
+        ):
             return []
         fresh = [
             w

@@ -1,0 +1,126 @@
+"""One summable codec seen as a wire format for ring hops: fixed-size byte messages.
+
+A hop encodes a flat chunk (optionally plus an error-feedback state) straight into a uint8
+message buffer and, when asked, writes the encoding error ``p - D(C(p))`` of that chunk; the
+next hop decodes and accumulates the message into an fp32 buffer. Block quantisers use the
+fused kernels (`ops.quantize` with mode "ef" gives codes, scales and the error in one pass,
+`ops.dequantize(accumulate=True)` the accumulation); casts, FP8 and Identity go through the
+codec's own encode_flat/decode. Message sizes depend only on the chunk length and the codec
+configuration, so receivers allocate them before the data exists.
+
+Every chunk is encoded as fp32 (contributions in other dtypes are widened first for Identity,
+whose wire dtype follows its input) so the sender's and the receiver's sizes always agree.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lococomm import ops
+from lococomm.compress.base import Codec
+from lococomm.compress.payload import Payload, buffer_bytes
+from lococomm.compress.quant import BlockQuant
+
+
+class HopCodec:
+    """Encode/decode flat chunks of a summable codec into/from uint8 message buffers."""
+
+    def __init__(self, codec: Codec) -> None:
+        if not getattr(codec, "summable", False):
+            raise TypeError(f"{codec.name} does not sum in a ring (summable is False)")
+        self.codec = codec
+        self.fused = isinstance(codec, BlockQuant)
+        self._metas: dict[int, dict[str, Any]] = {}
+        self._zeros = torch.zeros(0, dtype=torch.float32)
+
+    def meta(self, numel: int) -> dict[str, Any]:
+        """Payload metadata of a chunk of `numel` fp32 elements (cached per length)."""
+        meta = self._metas.get(numel)
+        if meta is None:
+            meta = self.codec.empty_payload((numel,), torch.float32).to_parts()[0]
+            self._metas[numel] = meta
+        return meta
+
+    def message_bytes(self, numel: int) -> int:
+        """Size in bytes of the message carrying a chunk of `numel` elements."""
+        return buffer_bytes(self.meta(numel))
+
+    def encode(
+        self,
+        x: torch.Tensor,
+        start: int,
+        seed: int,
+        out: torch.Tensor,
+        state: torch.Tensor | None = None,
+        err: torch.Tensor | None = None,
+    ) -> None:
+        """Encode p = x (+ state) into `out`; if `err` is given write p - D(C(p)) into it.
+
+        x: 1-D chunk (fp32/fp16/bf16); start: its offset in the whole tensor (for block and
+        random-number indexing); state/err: fp32 chunks of the same length or None.
+        """
+        n = x.numel()
+        if self.fused:
+            codec = self.codec
+            assert isinstance(codec, BlockQuant)
+            if err is not None and state is None:
+                state = self._zero_state(n)
+            codes, scales, _, bad = ops.quantize(
+                x,
+                codec.bits,
+                codec.block,
+                stochastic=codec.rounding == "stochastic",
+                seed=seed,
+                index_offset=start,
+                propagate=codec.nonfinite == "propagate",
+                state=state if err is not None else None,
+                state_out=err,
+                mode="ef" if err is not None else "plain",
+            )
+            if bad and codec.nonfinite == "raise":
+                codec._raise_bad(bad)
+            self._write(out, (codes, scales))
+            return
+        p = x.to(torch.float32)
+        if state is not None:
+            p = p + state
+        payload = self.codec.encode_flat(p, seed, index_offset=start)
+        if err is not None:
+            torch.sub(p, self.codec.decode(payload).reshape(-1), out=err)
+        self._write(out, payload.tensors)
+
+    def accumulate(self, acc: torch.Tensor, message: torch.Tensor) -> None:
+        """acc += D(message); acc is a contiguous fp32 chunk."""
+        self.codec.decode_accumulate_(acc, self.payload(message, acc.numel()))
+
+    def decode_into(self, out: torch.Tensor, message: torch.Tensor) -> None:
+        """out = D(message); out is a contiguous fp32 chunk."""
+        payload = self.payload(message, out.numel())
+        if self.fused:
+            codec = self.codec
+            assert isinstance(codec, BlockQuant)
+            codes, scales = payload.tensors
+            ops.dequantize(codes, scales, out.numel(), codec.bits, codec.block, out=out)
+        else:
+            out.copy_(self.codec.decode(payload).reshape(-1))
+
+    def payload(self, message: torch.Tensor, numel: int) -> Payload:
+        return Payload.from_buffer(self.meta(numel), message)
+
+    def _zero_state(self, n: int) -> torch.Tensor:
+        if self._zeros.numel() < n:
+            self._zeros = torch.zeros(n, dtype=torch.float32)
+        return self._zeros[:n]
+
+    @staticmethod
+    def _write(out: torch.Tensor, tensors: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> None:
+        """Lay tensors out as Payload.to_buffer does (8-byte aligned sections)."""
+        off = 0
+        for t in tensors:
+            b = t.reshape(-1).view(torch.uint8)
+            out[off : off + b.numel()].copy_(b)
+            off += b.numel() + (-b.numel() % 8)
+        if off != out.numel():
+            raise ValueError(f"message of {out.numel()} bytes, payload needs {off}")
