@@ -29,10 +29,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from lococomm.collectives import exact
+from lococomm.collectives import compressed, exact
 from lococomm.collectives.abort import AbortSignal
 from lococomm.collectives.buffers import BufferPool, Graveyard
 from lococomm.collectives.communicator import Communicator, Handle
+from lococomm.collectives.stats import accumulate as accumulate_stats
 from lococomm.ft.epoch import EpochInfo, build_with_abort, new_process_group
 from lococomm.ft.healing import Healer, HealError
 from lococomm.ft.state import ReplicatedState
@@ -57,6 +58,10 @@ class StepMetrics:
     bytes_sent: int = 0  # collective payload bytes this worker sent, cumulative
     last_failure: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    # compressed all-reduces, cumulative: calls, bytes_sent/received (wire bytes), encode/
+    # communicate/decode/total_seconds, and "last": the same for the last call (+ algorithm,
+    # codec, numel, ok). See lococomm.collectives.stats.CallStats.
+    compressed: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items()}
@@ -382,16 +387,38 @@ class Manager:
         async_op: bool = False,
         name: str = "",
         verify: bool = True,
+        codec: Any = None,
+        error_feedback: Any = None,
     ) -> bool | Handle:
-        """Exact all-reduce of `tensor` in place over the epoch ("sum", "mean", "max", "min").
+        """All-reduce of `tensor` in place over the epoch ("sum", "mean", "max", "min").
 
         Returns True on success (False: the step failed and `tensor` is unchanged). With
         async_op=True returns a Handle whose wait() gives that bool. `verify` exchanges a
         signature header first so mismatched shapes/dtypes fail the step with a clear message.
+
+        codec (e.g. lc.codecs.Int8()) compresses on the wire ("sum"/"mean" only; see
+        docs/compressed_collectives.md); error_feedback (ErrorFeedback/EF21/EControl on the same
+        codec) keeps state under the key `name`: finish it with ef.commit() when commit()
+        returns True, ef.rollback() otherwise. Compressed calls run on the calling thread.
         """
         comm = self._comm_for("allreduce")
-        handle = self._guard(lambda: exact.allreduce(comm, tensor, op, name, verify), False)
-        return self._finish(handle, f"allreduce({op}) {name}", tensor, async_op)
+        if codec is None and error_feedback is None:
+            handle = self._guard(lambda: exact.allreduce(comm, tensor, op, name, verify), False)
+            return self._finish(handle, f"allreduce({op}) {name}", tensor, async_op)
+        ctx = self._ctx
+        assert ctx is not None
+        prefix = ctx.info.store_prefix
+        handle = self._guard(
+            lambda: compressed.allreduce(
+                comm, tensor, op, codec, error_feedback, name=name, verify=verify,
+                step=self._step, index=len(self._signatures),
+                make_group=lambda suffix, rank, size: self._new_group(f"{prefix}/{suffix}", rank, size),
+                on_stats=lambda stats: accumulate_stats(self.metrics.compressed, stats),
+            ),
+            False,
+        )  # fmt: skip
+        label = (codec or error_feedback.codec).name
+        return self._finish(handle, f"allreduce({op},{label}) {name}", tensor, async_op)
 
     def broadcast(
         self, tensor: torch.Tensor, src: int, async_op: bool = False, name: str = "", verify: bool = True
