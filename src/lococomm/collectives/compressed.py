@@ -1,0 +1,201 @@
+"""Compressed all-reduce: picks the algorithm for a codec and wraps it in the step's rules.
+
+=====================================  ==============================  ======================
+codec                                  algorithm                       module
+=====================================  ==============================  ======================
+summable (Identity, FP16, BF16, FP8,   ring reduce-scatter with        ring_requant.py
+Int8/4/2), tensor >= RING_MIN_BYTES    re-encoding, all-gather of the
+                                       owners' final encodings
+RandK                                  shared-seed indices, exact      randk.py
+                                       all-reduce of the values
+PowerSGD                               all-reduce P, orth, all-reduce  powersgd.py
+                                       Q (warm start)
+anything else (TopK, SparseLoCo,       all-gather of payloads, summed  sparse_allgather.py
+SignSGD), small summable tensors       in member order
+=====================================  ==============================  ======================
+
+What every call guarantees (the same rules as the exact collectives):
+
+* bit-identical results on every member (each algorithm decodes the same bytes everywhere);
+* the caller's tensor is never handed to gloo and is written only once everything arrived;
+  on a peer failure, an abort or a timeout the step is marked failed (`comm.fail`), the call
+  returns False and the tensor and the error-feedback state are exactly as before;
+* a mismatch of shape, dtype, op or codec across members fails the step with a message
+  (a fixed-size header is checked first unless verify=False), instead of killing gloo;
+* one member: no traffic, the tensor is left as it is (the exact sum/mean of one member) and
+  error feedback is not touched;
+* randomness (stochastic rounding, random-k indices, PowerSGD's Q0) comes from
+  derive_seed(epoch, step, tensor id, ...) with the tensor id from `name` (or the call's
+  position in the step), so every run and every member is reproducible.
+
+Error feedback (feedback.py): pass an ErrorFeedback/EF21/EControl wrapping the same codec;
+the state of key `name` is staged by a successful call and must be finished by the caller with
+ef.commit() / ef.rollback() after manager.commit().
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from lococomm.collectives import signature
+from lococomm.collectives.communicator import Communicator, Handle
+from lococomm.collectives.exact import check_tensor
+from lococomm.collectives.feedback import Feedback, kind_of
+from lococomm.collectives.hop_codec import HopCodec
+from lococomm.collectives.pair_groups import MakeGroup, ring_links
+from lococomm.collectives.powersgd import PowerSGDAllreduce
+from lococomm.collectives.randk import RandKAllreduce
+from lococomm.collectives.ring_plan import plan_ring
+from lococomm.collectives.ring_requant import RingRequant
+from lococomm.collectives.sparse_allgather import SparseAllgather
+from lococomm.collectives.stats import CallStats
+from lococomm.compress.base import Codec, derive_seed
+from lococomm.compress.lowrank import PowerSGD
+from lococomm.compress.payload import canonical_json
+from lococomm.compress.sparse import RandK
+
+log = logging.getLogger(__name__)
+
+OPS = {"sum": 1, "mean": 2}
+INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+RING_MIN_BYTES = 256 << 10  # smaller summable tensors: one all-gather beats 2 (W - 1) hops
+RING_CHUNK_ELEMENTS = 1 << 21  # pipeline chunk of the ring (8 MiB of fp32)
+
+
+def algorithm_for(codec: Codec, numel: int) -> str:
+    """Which algorithm moves `codec` payloads of a tensor of `numel` elements (pure)."""
+    if isinstance(codec, RandK):
+        return "randk"
+    if isinstance(codec, PowerSGD):
+        return "powersgd"
+    if getattr(codec, "summable", False) and numel * 4 >= RING_MIN_BYTES:
+        return "ring"
+    return "allgather"
+
+
+def tensor_id(name: str, index: int) -> int:
+    """Seed component of a tensor: from its name if it has one, else its call position."""
+    if name:
+        return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little")
+    return index
+
+
+def _config_hash(codec: Codec, kind: str, algorithm: str) -> int:
+    text = canonical_json({"codec": codec.spec(), "ef": kind, "algorithm": algorithm})
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 2
+
+
+def allreduce(
+    comm: Communicator,
+    tensor: torch.Tensor,
+    op: str = "mean",
+    codec: Codec | None = None,
+    error_feedback: Any = None,
+    *,
+    name: str = "",
+    verify: bool = True,
+    step: int = 0,
+    index: int = 0,
+    make_group: MakeGroup | None = None,
+    on_stats: Callable[[CallStats], None] | None = None,
+) -> Handle:
+    """Compressed all-reduce of `tensor` in place; the handle's wait() returns success.
+
+    step/index: the manager's committed step and this collective's position in the step
+    (seeds, default EF key). make_group builds the ring's link groups (pair_groups.py).
+    The call runs to completion on the calling thread; the handle is already finished.
+    """
+    check_tensor(tensor, "allreduce")
+    if op not in OPS:
+        raise ValueError(f"compressed allreduce supports op 'sum' or 'mean', got {op!r}")
+    if codec is None:
+        if error_feedback is None:
+            raise ValueError("compressed allreduce needs a codec or an error_feedback object")
+        codec = error_feedback.codec
+    if not isinstance(codec, Codec):
+        raise TypeError(f"codec must be a lococomm Codec, got {type(codec).__name__}")
+    kind = kind_of(error_feedback)
+    if error_feedback is not None and error_feedback.codec != codec:
+        raise ValueError(f"error_feedback wraps {error_feedback.codec!r}, not {codec!r}")
+    if tensor.dtype not in INPUT_DTYPES:
+        raise TypeError(f"compressed allreduce needs float32/float16/bfloat16, got {tensor.dtype}")
+    numel = tensor.numel()
+    algorithm = algorithm_for(codec, numel)
+    if comm.world_size == 1 or comm.pg is None:
+        return Handle.completed(True)
+    description = signature.describe("allreduce", f"{op},{codec.name}", name, tensor)
+    if verify:
+        values = signature.fields(
+            "compressed", OPS[op], tensor, extra=_config_hash(codec, kind, algorithm)
+        )
+        err = signature.check(comm, values, description)
+        if err is not None:
+            comm.fail(err)
+            return Handle.completed(False)
+    if numel == 0:
+        return Handle.completed(True)
+    stats = CallStats(algorithm=algorithm, codec=codec.name, numel=numel)
+    key = name or f"allreduce#{index}"
+    feedback = Feedback(error_feedback, key, numel, comm.epoch)
+    seed = derive_seed(comm.epoch, step, tensor_id(name, index))
+    ok = _run(comm, tensor, op, codec, feedback, algorithm, seed, stats, description, make_group)
+    comm.bytes_sent += stats.bytes_sent
+    if on_stats is not None:
+        on_stats(stats.finish(ok))
+    return Handle.completed(ok)
+
+
+def _run(comm, tensor, op, codec, feedback, algorithm, seed, stats, description, make_group) -> bool:
+    g = tensor.detach().reshape(-1)
+    if not g.is_contiguous():
+        g = g.contiguous()
+    x, state = feedback.contribution(g)
+    err = feedback.error_buffer(comm.pool, g.device)
+    # Decode straight into the caller's tensor when nothing reads it afterwards.
+    direct = (
+        tensor.dtype == torch.float32
+        and tensor.is_contiguous()
+        and feedback.kind in ("none", "ef")
+        and g.data_ptr() == tensor.data_ptr()
+    )
+    result = g if direct else comm.pool.get(g.numel(), torch.float32, g.device)
+    mean = op == "mean"
+    common = dict(mean=mean, seed=seed, stats=stats, description=description, state=state, err=err)
+    warm_out = None
+    if algorithm == "ring":
+        links, why = ring_links(comm, make_group)
+        if links is None:
+            comm.fail(f"{description}: {why}")
+            ok = False
+        else:
+            hop = HopCodec(codec)
+            plan = plan_ring(g.numel(), comm.world_size, codec.align, RING_CHUNK_ELEMENTS)
+            ok = RingRequant(comm, links, hop, plan, x, result, **common).run()
+    elif algorithm == "randk":
+        ok = RandKAllreduce(comm, codec, x, result, **common).run()
+    elif algorithm == "powersgd":
+        run = PowerSGDAllreduce(
+            comm, codec, x, tuple(tensor.shape), result, warm=feedback.warm, **common
+        )
+        ok = run.run()
+        warm_out = run.warm_out
+    else:
+        ok = SparseAllgather(comm, codec, x, result, **common).run()
+    if not ok:
+        feedback.release(comm.pool)
+        if not direct:
+            comm.pool.put(result)
+        return False
+    feedback.stage(g, comm.pool, warm=warm_out)
+    value = feedback.aggregate(result)
+    if value.data_ptr() != tensor.data_ptr() or not direct:
+        with torch.no_grad():
+            tensor.copy_(value.view(tensor.shape))
+    if not direct:
+        comm.pool.put(result)
+    return True
