@@ -147,21 +147,21 @@ def test_joiner_admitted_at_step_boundary_without_disturbing_members(workers, co
     for i in range(3):
         workers.start(
             f"w{i}", "fault_worker.py", "--coordinator", coordinator.address, "--replica", f"w{i}",
-            "--steps", "40", "--step-sleep", "0.03",
+            "--steps", "100", "--step-sleep", "0.05",
         )
     workers.wait_for(
         lambda: any(r["step"] >= 15 for r in workers.records("w0", "step")), 60, "step 15"
     )
     workers.start(
         "w3", "fault_worker.py", "--coordinator", coordinator.address, "--replica", "w3",
-        "--steps", "40",
+        "--steps", "100",
     )
     for name in ("w0", "w1", "w2", "w3"):
         assert workers.wait_exit(name, 90) == 0, workers.dump()
     for name in ("w0", "w1", "w2"):
         rows = workers.records(name, "step")
         assert all(r["committed"] for r in rows), [r for r in rows if not r["committed"]]
-        assert [r["step"] for r in rows] == list(range(40))
+        assert [r["step"] for r in rows] == list(range(100))
         for r in rows:
             assert r["value"] == expected_sum(r["members"], r["step"]), r
         assert any(len(r["members"]) == 4 for r in rows)

@@ -80,10 +80,14 @@ class Graveyard:
 
     def retire_group(self, group: Any) -> None:
         """Keep a retired process group referenced while any buried op is pending: destroying
-        a group joins its worker threads, which would block until the gloo timeout."""
+        a group joins its worker threads, which would block until the gloo timeout. An idle
+        group is destroyed on a helper thread (closing its sockets and joining its threads takes
+        ~10 ms, which would otherwise sit on the critical path of a heal or re-quorum)."""
         if self.prune():
             with self._lock:
                 self._groups.append(group)
+            return
+        threading.Thread(target=_drop, args=([group],), daemon=True, name="lococomm-pg-reaper").start()
 
     def prune(self) -> int:
         """Forget entries whose works all finished; returns how many are still pending."""
@@ -95,6 +99,10 @@ class Graveyard:
 
     def __len__(self) -> int:
         return self.prune()
+
+
+def _drop(items: list[Any]) -> None:
+    items.clear()  # the last reference goes here, off the caller's thread
 
 
 def _nbytes(t: torch.Tensor) -> int:

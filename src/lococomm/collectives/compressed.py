@@ -4,14 +4,15 @@
 codec                                  algorithm                       module
 =====================================  ==============================  ======================
 summable (Identity, FP16, BF16, FP8,   ring reduce-scatter with        ring_requant.py
-Int8/4/2), tensor >= RING_MIN_BYTES    re-encoding, all-gather of the
-                                       owners' final encodings
+Int8/4/2), tensor >= RING_MIN_BYTES,   re-encoding, all-gather of the
+no EF or classic EF                    owners' final encodings
 RandK                                  shared-seed indices, exact      randk.py
                                        all-reduce of the values
 PowerSGD                               all-reduce P, orth, all-reduce  powersgd.py
                                        Q (warm start)
 anything else (TopK, SparseLoCo,       all-gather of payloads, summed  sparse_allgather.py
-SignSGD), small summable tensors       in member order
+SignSGD), small summable tensors,      in member order
+summable codecs with EF21/EControl
 =====================================  ==============================  ======================
 
 What every call guarantees (the same rules as the exact collectives):
@@ -67,13 +68,20 @@ RING_MIN_BYTES = 256 << 10  # smaller summable tensors: one all-gather beats 2 (
 RING_CHUNK_ELEMENTS = 1 << 21  # pipeline chunk of the ring (8 MiB of fp32)
 
 
-def algorithm_for(codec: Codec, numel: int) -> str:
-    """Which algorithm moves `codec` payloads of a tensor of `numel` elements (pure)."""
+def algorithm_for(codec: Codec, numel: int, kind: str = "none") -> str:
+    """Which algorithm moves `codec` payloads of a tensor of `numel` elements (pure).
+
+    EF21/EControl (`kind`) need every member's error to be a contraction of its own
+    contribution; in the ring a member's error is that of re-encoding a partial sum of up to
+    W contributions (fine for classic EF, whose errors telescope, but EF21 with Int2 at W = 3
+    diverged here), so with them summable codecs use the all-gather.
+    """
     if isinstance(codec, RandK):
         return "randk"
     if isinstance(codec, PowerSGD):
         return "powersgd"
-    if getattr(codec, "summable", False) and numel * 4 >= RING_MIN_BYTES:
+    ring_ok = kind in ("none", "ef") and numel * 4 >= RING_MIN_BYTES
+    if getattr(codec, "summable", False) and ring_ok:
         return "ring"
     return "allgather"
 
@@ -125,7 +133,7 @@ def allreduce(
     if tensor.dtype not in INPUT_DTYPES:
         raise TypeError(f"compressed allreduce needs float32/float16/bfloat16, got {tensor.dtype}")
     numel = tensor.numel()
-    algorithm = algorithm_for(codec, numel)
+    algorithm = algorithm_for(codec, numel, kind)
     if comm.world_size == 1 or comm.pg is None:
         return Handle.completed(True)
     description = signature.describe("allreduce", f"{op},{codec.name}", name, tensor)

@@ -12,8 +12,9 @@ names the sources and receivers, bystanders take no part):
    ({source} + receivers), straight from its tensors, and hashes each chunk while it travels.
    Receivers receive into a ring of private staging buffers (bounded memory; an abandoned
    receive can only ever write into a staging buffer), hash each chunk and copy it into place.
-3. Each source publishes its chunk digests; a receiver loads the state only if every chunk
-   matches, and the first commit of the epoch compares full-state digests across members.
+3. Each source publishes its chunk checksums (CRC-32 + length); a receiver loads the state
+   only if every chunk matches, and the first commit of the epoch compares full-state blake2b
+   digests across members (bit-parity).
 
 Why broadcast in per-source groups rather than send/recv: gloo's send/recv works report
 completion only through a blocking `wait()`, and a timed-out `wait(timeout)` closes the pair,
@@ -25,11 +26,11 @@ behind in the next epoch and heals from the remaining sources.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -113,13 +114,14 @@ def wait_key(store: Any, key: str, abort: AbortSignal, deadline: float) -> None:
         if time.monotonic() > deadline:
             raise HealError(f"timed out waiting for {key!r}")
         time.sleep(delay)
-        delay = min(delay * 2, 0.02)
+        delay = min(delay * 2, 0.005)
 
 
 def chunk_digest(data: torch.Tensor) -> str:
-    """blake2b (8 bytes) of one chunk's bytes (a CPU uint8 tensor)."""
+    """CRC-32 and length of one chunk's bytes: a transfer-integrity check (2.3 GB/s here, vs
+    ~1 GB/s for blake2b); the full-state blake2b digests are compared at the first commit."""
     view = data if data.device.type == "cpu" else data.cpu()
-    return hashlib.blake2b(memoryview(view.numpy()), digest_size=8).hexdigest()
+    return f"{zlib.crc32(memoryview(view.numpy())):08x}:{data.numel()}"
 
 
 GroupFactory = Callable[[str, int, int], Any]  # (store suffix, rank, size) -> process group
@@ -147,6 +149,7 @@ class Healer:
         self.chunk_bytes = chunk_bytes
         self.deadline = time.monotonic() + comm.timeout
         self.bytes_moved = 0
+        self.phases: dict[str, float] = {}
         self._groups: list[Any] = []
 
     def run(self) -> None:
@@ -211,6 +214,7 @@ class Healer:
 
     # ------------------------------------------------------------------ receiver side
     def _as_receiver(self) -> None:
+        t0 = time.monotonic()
         wait_key(self.store, "heal/meta", self.comm.abort, self.deadline)
         meta = json.loads(self.store.get("heal/meta"))
         specs = [TensorSpec.from_json(item) for item in meta["specs"]]
@@ -219,7 +223,9 @@ class Healer:
             raise HealError("no source to heal from")
         my_rank = 1 + self.receivers.index(self.comm.rank)
         size = 1 + len(self.receivers)
+        t1 = time.monotonic()
         groups = self._build({f"heal/{s}": (my_rank, size) for s in sources})
+        t2 = time.monotonic()
         targets = self._targets(specs)
         chunks = plan_chunks(specs, meta["chunk_bytes"])
         # bool tensors travel as uint8 (one byte each) and are converted after the transfer.
@@ -252,6 +258,7 @@ class Healer:
                 offset += n
             self.bytes_moved += offset
             free.append(slot)
+        t3 = time.monotonic()
         expected: dict[str, str] = {}
         for source in sources:
             wait_key(self.store, f"heal/chunks/{source}", self.comm.abort, self.deadline)
@@ -259,8 +266,17 @@ class Healer:
         bad = sorted(int(i) for i in expected if received.get(i) != expected[i])
         if bad or len(expected) != len(chunks):
             raise HealError(f"state chunks {bad[:8]} arrived corrupted (digest mismatch)")
+        t4 = time.monotonic()
         targets = [t.view(torch.bool) if s.dtype == "bool" else t for s, t in zip(specs, landing)]
         self.state.load(meta["skeleton"], targets)
+        self.phases = {
+            "meta_ms": (t1 - t0) * 1e3,
+            "groups_ms": (t2 - t1) * 1e3,
+            "transfer_ms": (t3 - t2) * 1e3,
+            "verify_ms": (t4 - t3) * 1e3,
+            "load_ms": (time.monotonic() - t4) * 1e3,
+        }
+        log.info("heal phases (ms): %s", {k: round(v, 1) for k, v in self.phases.items()})
 
     # ------------------------------------------------------------------ helpers
     def _build(self, wanted: dict[str, tuple[int, int]]) -> dict[str, Any]:

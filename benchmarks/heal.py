@@ -1,0 +1,111 @@
+"""Time to heal a joiner vs state size, against raw gloo broadcast of the same bytes.
+
+For each state size two up-to-date members hold a state (a dict with one big fp32 tensor plus
+a small model); a third, fresh member joins and is healed (metadata, chunked transfer spread
+over both sources, per-chunk checksums, load). The baseline is a plain ProcessGroupGloo
+broadcast of the same bytes from one process to one other (the joiner's side of the transfer),
+measured in the same run.
+
+    .venv/bin/python benchmarks/heal.py [--sizes-mb 10 100 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import socket
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+import lococomm as lc
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def raw_broadcast(rank: int, world: int, port: int, nbytes: int, queue: mp.Queue) -> None:
+    torch.set_num_threads(1)
+    store = dist.TCPStore("127.0.0.1", port, world, rank == 0, timeout=timedelta(seconds=120))
+    pg = dist.ProcessGroupGloo(dist.PrefixStore("bcast", store), rank, world, timedelta(seconds=120))
+    data = torch.ones(nbytes // 4)
+    opts = dist.BroadcastOptions()
+    opts.rootRank = 0
+    times = []
+    for _ in range(3):
+        pg.barrier().wait()
+        start = time.perf_counter()
+        pg.broadcast([data], opts).wait()
+        times.append(time.perf_counter() - start)
+    queue.put((rank, min(times)))
+
+
+def heal_member(index: int, address: str, nbytes: int, steps: int, queue: mp.Queue) -> None:
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("lococomm.ft.healing").setLevel(logging.INFO)
+    torch.set_num_threads(1)
+    state = {"blob": {"data": torch.full((nbytes // 4,), float(index))}, "model": torch.nn.Linear(64, 64)}
+    manager = lc.Manager(address, replica_id=f"m{index}", timeout=120, state=state, parity_every=0)
+    while manager.step < steps:
+        manager.start_step()
+        manager.commit()
+        if index == 2 and manager.metrics.heal_seconds:
+            queue.put(("healed", manager.metrics.heal_seconds, manager.metrics.heal_bytes))
+            break
+        time.sleep(0.01)
+    manager.close()
+
+
+def bench(nbytes: int) -> dict:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=raw_broadcast, args=(r, 2, port, nbytes, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    raw = max(queue.get(timeout=600)[1] for _ in procs)
+    for p in procs:
+        p.join()
+    with lc.Coordinator(heartbeat_timeout=10.0, initial_workers=2) as coordinator:
+        members = [ctx.Process(target=heal_member, args=(i, coordinator.address, nbytes, 10_000, queue)) for i in range(2)]
+        for p in members:
+            p.start()
+        while coordinator.snapshot()["committed"] < 3:
+            time.sleep(0.05)
+        joiner = ctx.Process(target=heal_member, args=(2, coordinator.address, nbytes, 10_000, queue))
+        joiner.start()
+        _, seconds, moved = queue.get(timeout=900)
+        for p in members + [joiner]:
+            p.terminate()
+            p.join(30)
+    return {
+        "case": "heal",
+        "state_mb": round(nbytes / 1e6, 1),
+        "heal_s": round(seconds, 3),
+        "heal_gbps": round(nbytes / seconds / 1e9, 3),
+        "raw_broadcast_s": round(raw, 3),
+        "raw_broadcast_gbps": round(nbytes / raw / 1e9, 3),
+        "ratio_to_raw": round(raw / seconds, 3),
+        "bytes_received": moved,
+        "target_ratio": 0.8,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes-mb", type=float, nargs="+", default=[10, 100, 1000])
+    args = parser.parse_args()
+    for mb in args.sizes_mb:
+        print(json.dumps(bench(int(mb * 1e6) // 4 * 4)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
