@@ -116,7 +116,7 @@ def main() -> None:
     parser.add_argument("--coordinator", required=True)
     parser.add_argument("--replica", required=True)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--codec", required=True, help="codec spec as JSON")
+    parser.add_argument("--codecs", required=True, help="JSON list of codec specs; step s uses s % len")
     parser.add_argument("--ef", default="none", choices=["none", "ef", "ef21", "econtrol"])
     parser.add_argument("--mode", default="check", choices=["check", "train"])
     parser.add_argument("--steps", type=int, default=5)
@@ -128,26 +128,33 @@ def main() -> None:
     parser.add_argument("--kill-wait", type=int, default=2)
     parser.add_argument("--step-sleep", type=float, default=0.0)
     parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--ring-min-bytes", type=int, default=-1, help="override (tiny-tensor rings)")
     args = parser.parse_args()
+    if args.ring_min_bytes >= 0:
+        from lococomm.collectives import compressed
+
+        compressed.RING_MIN_BYTES = args.ring_min_bytes
     logging.basicConfig(
         level=logging.INFO, format=f"%(asctime)s {args.replica} %(name)s: %(message)s", stream=sys.stderr
     )
     torch.set_num_threads(1)
     out = open(args.out, "a", buffering=1)
-    codec = from_spec(json.loads(args.codec))
-    ef = make_ef(args.ef, codec)
+    codecs = [from_spec(spec) for spec in json.loads(args.codecs)]
+    efs = [make_ef(args.ef, c) for c in codecs]
     shape = tuple(int(s) for s in args.shape.split("x"))
     dtype = getattr(torch, args.dtype)
     w = torch.zeros(DIM)
     state = {"model": {"w": w}} if args.mode == "train" else None
     manager = lc.Manager(args.coordinator, replica_id=args.replica, timeout=args.timeout, state=state)
     out.write(json.dumps({"event": "registered", "time": time.time()}) + "\n")
-    running = None
-    running_exact = None
+    running: dict[int, torch.Tensor] = {}
+    running_exact: dict[int, torch.Tensor] = {}
     while manager.step < args.steps:
         manager.start_step()
         step = manager.step
         members = manager.members
+        which = step % len(codecs)
+        codec, ef = codecs[which], efs[which]
         if args.mode == "train":
             a, b = problem(args.replica)
             tensor = (2.0 / ROWS) * a.t() @ (a @ w - b)
@@ -173,6 +180,7 @@ def main() -> None:
             "members": members,
             "ok": bool(ok),
             "committed": committed,
+            "codec": codec.name,
             "digest": digest(tensor),
             "unchanged": bool(torch.equal(tensor, own)),
             "ef_before": ef_before,
@@ -188,14 +196,26 @@ def main() -> None:
                 exact = exact * len(members)
             result = tensor.double()
             row["rel_err"] = float((result - exact).norm() / exact.norm().clamp_min(1e-30))
+            # triangle bound for algorithms that sum individually decoded payloads
+            own_errs = [
+                float((codec.decode(codec.encode(input_of(m, step, shape).to(dtype), 0)).double()
+                       - input_of(m, step, shape).to(dtype).double()).norm())
+                for m in members
+            ]  # fmt: skip
+            row["bound_rel"] = sum(own_errs) / len(members) / float(exact.norm().clamp_min(1e-30))
             row["codec_rel_err"] = float(
                 (codec.decode(codec.encode(exact.float(), 0)).double() - exact).norm()
                 / exact.norm().clamp_min(1e-30)
             )
-            running = result if running is None else running + result
-            running_exact = exact if running_exact is None else running_exact + exact
-            row["running_rel_err"] = float((running - running_exact).norm() / running_exact.norm())
+            running[which] = running.get(which, 0) + result
+            running_exact[which] = running_exact.get(which, 0) + exact
+            diff = (running[which] - running_exact[which]).norm()
+            row["running_rel_err"] = float(diff / running_exact[which].norm())
+            row["running_abs_err"] = float(diff)
             row["norm"] = float(exact.norm())
+        if ef is not None and committed and args.ef == "ef":
+            e = ef.state("t", "e")
+            row["residual_norm"] = float(e.double().norm()) if e is not None else 0.0
         if committed and args.mode == "train":
             w -= args.lr * tensor
             row["loss"] = global_loss(w)
