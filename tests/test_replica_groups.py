@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from replica_worker import contribution
 
 HERE = Path(__file__).resolve().parent

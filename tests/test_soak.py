@@ -7,6 +7,7 @@ restart, leave). The long version (8 workers, 5000 steps) is marked slow:
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -53,7 +54,7 @@ def run_soak(tmp_path: Path, workers: int, steps: int, seed: int, rate: float, t
     # No hang beyond its bound: the job never stood still much longer than a hang detection
     # plus a quorum and a worker restart.
     times.sort()
-    worst = max(b - a for a, b in zip(times, times[1:]))
+    worst = max(b - a for a, b in itertools.pairwise(times))
     assert worst < 1.0 + 8.0, worst
     assert all(e["mttr"] is not None and e["mttr"] < 10 for e in summary["events"]), summary["events"]
     return summary
