@@ -19,9 +19,10 @@ from typing import Any
 import torch
 
 from lococomm import ops
+from lococomm.collectives.finite import check_finite
 from lococomm.compress.base import Codec
 from lococomm.compress.payload import Payload, buffer_bytes
-from lococomm.compress.quant import BlockQuant
+from lococomm.compress.quant import BF16, FP16, BlockQuant, Identity
 
 
 class HopCodec:
@@ -32,6 +33,10 @@ class HopCodec:
             raise TypeError(f"{codec.name} does not sum in a ring (summable is False)")
         self.codec = codec
         self.fused = isinstance(codec, BlockQuant)
+        # casts and Identity: the message is the chunk in the wire dtype, cast in place
+        self.wire_dtype = {Identity: torch.float32, FP16: torch.float16, BF16: torch.bfloat16}.get(
+            type(codec)
+        )
         self._metas: dict[int, dict[str, Any]] = {}
         self._zeros = torch.zeros(0, dtype=torch.float32)
 
@@ -83,6 +88,9 @@ class HopCodec:
                 codec._raise_bad(bad)
             self._write(out, (codes, scales))
             return
+        if self.wire_dtype is not None:
+            self._encode_cast(x, out, state, err)
+            return
         p = x.to(torch.float32)
         if state is not None:
             p = p + state
@@ -91,12 +99,39 @@ class HopCodec:
             torch.sub(p, self.codec.decode(payload).reshape(-1), out=err)
         self._write(out, payload.tensors)
 
+    def _encode_cast(self, x, out, state, err) -> None:
+        """Identity/FP16/BF16: cast p = x (+ state) straight into the message buffer."""
+        n = x.numel()
+        wire = self._wire(out, n)
+        if state is not None:
+            p = torch.add(x, state, out=err) if err is not None else x + state
+        else:
+            p = x
+        check_finite(self.codec, p)
+        wire.copy_(p)  # round to nearest even, as the codec's .to()
+        fp16_raise = self.codec.nonfinite == "raise" and self.wire_dtype == torch.float16
+        if fp16_raise and not bool(torch.isfinite(wire.sum(dtype=torch.float32))):
+            self.codec.encode_flat(p.to(torch.float32))  # overflow: raises the codec's error
+        if err is not None:
+            torch.sub(p, wire, out=err)
+
+    def _wire(self, message: torch.Tensor, n: int) -> torch.Tensor:
+        assert self.wire_dtype is not None
+        size = torch.empty(0, dtype=self.wire_dtype).element_size()
+        return message[: n * size].view(self.wire_dtype)
+
     def accumulate(self, acc: torch.Tensor, message: torch.Tensor) -> None:
         """acc += D(message); acc is a contiguous fp32 chunk."""
+        if self.wire_dtype is not None:
+            acc.add_(self._wire(message, acc.numel()))
+            return
         self.codec.decode_accumulate_(acc, self.payload(message, acc.numel()))
 
     def decode_into(self, out: torch.Tensor, message: torch.Tensor) -> None:
         """out = D(message); out is a contiguous fp32 chunk."""
+        if self.wire_dtype is not None:
+            out.copy_(self._wire(message, out.numel()))
+            return
         payload = self.payload(message, out.numel())
         if self.fused:
             codec = self.codec

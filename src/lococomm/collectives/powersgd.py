@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from lococomm.collectives.communicator import Communicator
+from lococomm.collectives.finite import check_finite
 from lococomm.collectives.stats import CallStats, Timer
 from lococomm.compress.lowrank import PowerSGD, orthonormalize, power_step_p, power_step_q
 
@@ -76,8 +77,7 @@ class PowerSGDAllreduce:
     def run(self) -> bool:
         self._deadline = time.monotonic() + self.comm.timeout
         try:
-            if self.codec.nonfinite == "raise":
-                self.codec._check_finite(self.x)
+            check_finite(self.codec, self.x)
             low, m, n, r = self.codec._plan(self.shape)
             mat = self._matrix()
             if not low:

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from lococomm.collectives.communicator import Communicator
+from lococomm.collectives.finite import check_finite
 from lococomm.collectives.stats import CallStats, Timer
 from lococomm.compress.sparse import RandK
 
@@ -82,8 +83,7 @@ class RandKAllreduce:
 
     def _values(self, idx: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
         """The k values to send (a private tensor); writes err when error feedback is on."""
-        if self.codec.nonfinite == "raise":
-            self.codec._check_finite(self.x)
+        check_finite(self.codec, self.x)
         err = self.err
         if err is None:
             p = self.x
