@@ -99,12 +99,47 @@ def bench(nbytes: int) -> dict:
     }
 
 
+def chaos_mttr(spec: str, steps: int) -> list[dict]:
+    """MTTR of each chaos event type under `lococomm run` (examples/train_ft.py, 4 workers)."""
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    with tempfile.TemporaryDirectory() as tmp:
+        summary_path = Path(tmp) / "summary.json"
+        subprocess.run(
+            [sys.executable, "-m", "lococomm.cli.main", "run", "--workers", "4", "--quiet",
+             "--heartbeat-timeout", "1", "--chaos", spec, "--summary-json", str(summary_path),
+             str(root / "examples" / "train_ft.py"), "--steps", str(steps)],
+            check=True, capture_output=True, timeout=1200,
+        )  # fmt: skip
+        summary = json.loads(summary_path.read_text())
+    return [
+        {
+            "case": "chaos_mttr",
+            "event": e["event"],
+            "kind": e["event"].split("@")[0].split()[0],
+            "mttr_s": None if e["mttr"] is None else round(e["mttr"], 3),
+            "member_again_s": None if e["rejoined_after"] is None else round(e["rejoined_after"], 3),
+            "heartbeat_timeout_s": 1.0,
+        }
+        for e in summary["events"]
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes-mb", type=float, nargs="+", default=[10, 100, 1000])
+    parser.add_argument("--chaos", default="kill:1@40,stop:2@80-100,join@130,coordinator-restart@170,leave:3@210")
+    parser.add_argument("--chaos-steps", type=int, default=250)
     args = parser.parse_args()
     for mb in args.sizes_mb:
         print(json.dumps(bench(int(mb * 1e6) // 4 * 4)), flush=True)
+    if args.chaos != "none":
+        for line in chaos_mttr(args.chaos, args.chaos_steps):
+            print(json.dumps(line), flush=True)
 
 
 if __name__ == "__main__":

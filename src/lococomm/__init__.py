@@ -3,6 +3,7 @@
 from lococomm.collectives.communicator import Handle
 from lococomm.compress import codecs
 from lococomm.ft.manager import Manager, StepMetrics
+from lococomm.ft.state import TorchRNG
 from lococomm.membership.client import AuthenticationError, CoordinatorUnavailable
 from lococomm.membership.coordinator import Coordinator
 
@@ -14,5 +15,6 @@ __all__ = [
     "codecs",
     "Manager",
     "StepMetrics",
+    "TorchRNG",
 ]
 __version__ = "0.1.0"
