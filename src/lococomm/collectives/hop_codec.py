@@ -127,19 +127,26 @@ class HopCodec:
             return
         self.codec.decode_accumulate_(acc, self.payload(message, acc.numel()))
 
-    def decode_into(self, out: torch.Tensor, message: torch.Tensor) -> None:
-        """out = D(message); out is a contiguous fp32 chunk."""
+    def decode_into(self, out: torch.Tensor, message: torch.Tensor, divisor: int = 1) -> None:
+        """out = D(message) / divisor; out is a contiguous fp32 chunk.
+
+        Block quantisers fold the division into their per-block scales (one pass instead of
+        two); the result is then code * (scale / divisor), computed alike on every member.
+        """
         if self.wire_dtype is not None:
             out.copy_(self._wire(message, out.numel()))
-            return
-        payload = self.payload(message, out.numel())
-        if self.fused:
+        elif self.fused:
             codec = self.codec
             assert isinstance(codec, BlockQuant)
-            codes, scales = payload.tensors
+            codes, scales = self.payload(message, out.numel()).tensors
+            if divisor != 1:
+                scales = scales / divisor
+                divisor = 1
             ops.dequantize(codes, scales, out.numel(), codec.bits, codec.block, out=out)
         else:
-            out.copy_(self.codec.decode(payload).reshape(-1))
+            out.copy_(self.codec.decode(self.payload(message, out.numel())).reshape(-1))
+        if divisor != 1:
+            out.div_(divisor)
 
     def payload(self, message: torch.Tensor, numel: int) -> Payload:
         return Payload.from_buffer(self.meta(numel), message)

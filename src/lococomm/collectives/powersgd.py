@@ -153,15 +153,16 @@ class PowerSGDAllreduce:
         err = self._allreduce(q)
         if err is not None:
             return self._fail(err)
+        self.warm_out = q.clone()
         with Timer(self.stats, "decode_seconds"):
+            if self.mean:
+                q.div_(comm.world_size)  # n x r: cheaper than dividing the m x n result
             out = self.result.view(m, n)
-            # the codec's lowrank_product, written into the result: same ops, same order
+            # P^ Q^T as a fixed-order sum of outer products (element-wise, so the same bits
+            # on every member whatever the BLAS or thread count), without temporaries
             torch.mul(p_hat[:, 0:1], q[:, 0], out=out)
             for j in range(1, r):
-                out += p_hat[:, j : j + 1] * q[:, j]
-            if self.mean:
-                out.div_(comm.world_size)
-        self.warm_out = q
+                out.addcmul_(p_hat[:, j : j + 1], q[:, j])
         return True
 
     def _fail(self, err: str) -> bool:

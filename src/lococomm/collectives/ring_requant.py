@@ -196,10 +196,7 @@ class RingRequant:
         w = self.comm.world_size
         for (c, j), buf in self._finals.items():
             a, b = self.plan.bounds(c, j)
-            out = self.result[a:b]
-            self.hop.decode_into(out, buf)
-            if self.mean:
-                out.div_(w)
+            self.hop.decode_into(self.result[a:b], buf, w if self.mean else 1)
 
     def _fail(self, err: str, acc_buf: torch.Tensor) -> bool:
         self.comm.pool.put(acc_buf)
