@@ -218,3 +218,14 @@ def test_state_regression_is_refused_until_the_job_completes_gracefully():
     done.disconnect(1, "left", now=3.0, kind="leave")
     done.register(7, "next-job", 0, 1, 0, 0, [], now=3.0)
     assert len(sends(done.request_quorum(7, 0, 3.1), "epoch")) == 1
+
+
+def test_restarted_process_of_a_member_is_a_joiner_not_a_required_member():
+    state = make(3)
+    form(state, [0, 1, 2])
+    state.disconnect(2, "killed", now=2.0)
+    # The supervisor restarts it at once: it registers, but will not ask for a while.
+    state.register(9, "r2", 0, 1, 0, 0, [], now=2.0)
+    state.touch(9, 2.0)
+    epochs = sends(form(state, [0, 1], now=2.6), "epoch")  # 0.6 s later: not fresh any more
+    assert {a.message["world_size"] for a in epochs} == {2}

@@ -133,6 +133,7 @@ class QuorumState:
         self.epoch_counter = 0
         self._incarnations = 0
         self._last_members: list[str] = []
+        self._last_incarnations: dict[str, tuple[int, ...]] = {}
         self._round_started: float | None = None
         self._regression_logged = -1e9
         self.events: list[Event] = []
@@ -471,6 +472,10 @@ class QuorumState:
         return replicas
 
     @staticmethod
+    def _incarnations_of(ranks: dict[int, Worker]) -> tuple[int, ...]:
+        return tuple(sorted(w.incarnation for w in ranks.values()))
+
+    @staticmethod
     def _complete(ranks: dict[int, Worker]) -> bool:
         size = next(iter(ranks.values())).group_world_size
         return len(ranks) == size and all(r in ranks for r in range(size))
@@ -488,8 +493,15 @@ class QuorumState:
             return []
         round_started = self._round_started if self._round_started is not None else now
         waited = now - round_started
-        # Members of the last epoch that are still whole must take part (they hold the state).
-        required = {r for r in self._last_members if r in replicas and self._complete(replicas[r])}
+        # Members of the last epoch that are still whole (same processes) must take part: they
+        # hold the state. A restarted process under an old replica id is a joiner instead.
+        required = {
+            r
+            for r in self._last_members
+            if r in replicas
+            and self._complete(replicas[r])
+            and self._incarnations_of(replicas[r]) == self._last_incarnations.get(r)
+        }
         if not self._last_members and self.current is None:
             # Fresh coordinator: wait (bounded) for the members the workers report from before.
             reported = [w for w in self.workers.values() if w.last_epoch > 0]
@@ -554,6 +566,7 @@ class QuorumState:
         )
         self.current = epoch
         self._last_members = list(order)
+        self._last_incarnations = {r: self._incarnations_of(replicas[r]) for r in order}
         self._round_started = None
         self.max_committed_step = max(self.max_committed_step, max_step)
         self._event(now, "epoch", "", f"members {order} at step {max_step}", number)
