@@ -43,8 +43,8 @@ from lococomm.ft.state import ReplicatedState, TensorSpec
 
 log = logging.getLogger(__name__)
 
-CHUNK_BYTES = 16 << 20
-WINDOW = 4  # chunks in flight per peer: bounds staging memory to WINDOW * CHUNK_BYTES
+CHUNK_BYTES = 8 << 20
+WINDOW = 4  # chunks in flight per source (and per receiver in total, times 2)
 
 
 @dataclass(frozen=True)
@@ -231,9 +231,10 @@ class Healer:
         # bool tensors travel as uint8 (one byte each) and are converted after the transfer.
         landing = [t.view(torch.uint8) if t.dtype == torch.bool else t for t in targets]
         views = [t.detach().reshape(-1).view(torch.uint8) for t in landing]
+        # Bounded memory: at most 2 * WINDOW chunks of staging however many sources there are.
         staging = [
             torch.empty(meta["chunk_bytes"], dtype=torch.uint8, device=self.comm.device)
-            for _ in range(min(WINDOW * len(sources), max(1, len(chunks))))
+            for _ in range(min(2 * WINDOW, max(1, len(chunks))))
         ]
         opts = _root_zero()
         free = list(range(len(staging)))
