@@ -149,11 +149,22 @@ class GlobalState:
                 mine_t.copy_(theirs)
         else:
             for opt, sd in zip(self.optimizers, outer["optimizers"], strict=True):
-                opt.load_state_dict(sd)
+                opt.load_state_dict(_cloned(sd))  # torch keeps same-dtype tensors by reference
         for g, theirs in zip(self.global_params, state["global"], strict=True):
             g.copy_(theirs)
         self.syncs = int(state["syncs"])
         self.outer_steps = int(state["outer_steps"])
+
+
+def _cloned(value: Any) -> Any:
+    """A copy of a nested state with every tensor cloned."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: _cloned(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_cloned(v) for v in value)
+    return value
 
 
 class HealObserver:
