@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import Any
 
 from .base import Codec
+from .choose import choose
 from .lowrank import PowerSGD
 from .quant import BF16, FP8E4M3, FP8E5M2, FP16, HAS_FP8, BlockQuant, Identity, Int2, Int4, Int8
 from .sign import SignSGD
@@ -65,5 +66,6 @@ __all__ = [
     "SignSGD",
     "SparseLoCo",
     "TopK",
+    "choose",
     "from_spec",
 ]
