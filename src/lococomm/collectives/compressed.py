@@ -158,7 +158,19 @@ def allreduce(
     return Handle.completed(ok)
 
 
-def _run(comm, tensor, op, codec, feedback, algorithm, seed, stats, description, make_group) -> bool:
+def _run(
+    comm: Communicator,
+    tensor: torch.Tensor,
+    op: str,
+    codec: Codec,
+    feedback: Feedback,
+    algorithm: str,
+    seed: int,
+    stats: CallStats,
+    description: str,
+    make_group: MakeGroup | None,
+) -> bool:
+    """Run one algorithm; on success stage EF state and write the result into `tensor`."""
     g = tensor.detach().reshape(-1)
     if not g.is_contiguous():
         g = g.contiguous()

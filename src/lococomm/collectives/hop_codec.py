@@ -99,7 +99,13 @@ class HopCodec:
             torch.sub(p, self.codec.decode(payload).reshape(-1), out=err)
         self._write(out, payload.tensors)
 
-    def _encode_cast(self, x, out, state, err) -> None:
+    def _encode_cast(
+        self,
+        x: torch.Tensor,
+        out: torch.Tensor,
+        state: torch.Tensor | None,
+        err: torch.Tensor | None,
+    ) -> None:
         """Identity/FP16/BF16: cast p = x (+ state) straight into the message buffer."""
         n = x.numel()
         wire = self._wire(out, n)
