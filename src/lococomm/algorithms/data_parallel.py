@@ -47,7 +47,7 @@ import logging
 import time
 import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -108,7 +108,6 @@ class DataParallelMetrics:
     wait_seconds: float = 0.0  # time finish() spent waiting for communication
     launched_in_backward: int = 0  # buckets launched by hooks (overlapped) this step
     abandoned_buckets: int = 0  # cumulative: buffers left to zombie ops and replaced
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class DataParallel(nn.Module):
