@@ -297,7 +297,7 @@ def test_overlap_false_sends_everything_at_finish(coordinator):
     assert all(torch.equal(a, b) for a, b in zip(g0, g1))
 
 
-def test_bad_arguments_are_rejected_with_clear_errors(coordinator):
+def test_bad_arguments_are_rejected_with_clear_errors():
     manager = object()  # never used: construction fails first
     with pytest.raises(TypeError, match=r"nn\.Module"):
         DataParallel("not a module", manager)
