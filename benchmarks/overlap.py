@@ -17,11 +17,13 @@ state (this 2-core box is shared and noisy: compare ratios, not absolute times):
                  commit (no optimizer update in any case); exact or Int8, bucket size, overlap
 
 Reported per case (JSON line): median (and quartiles) over repetitions of the slowest
-member's step time,
-exposed communication (T_step - T_compute) / T_comm (with T_comm of the case's wire format),
-step / max(T_compute, T_comm), and speed-up over DDP. Links: "loopback" (127.0.0.1) and
-"1gbit": each worker in its own network namespace behind a veth pair on a bridge, `tc tbf
-rate 1gbit` on both ends (netem is absent here). Namespaces are `lcdp<i>`, the bridge
+member's step time, exposed communication (T_step - T_compute) / T_comm (with T_comm of the
+case's wire format), step / max(T_compute, T_comm), and speed-up over DDP, each from the
+medians and, as `*_paired`, as the median over rounds of the same ratio within one round
+(the cases of a round run back to back, so this cancels load drifting between rounds).
+
+Links: "loopback" (127.0.0.1) and "1gbit": each worker in its own network namespace behind a
+veth pair on a bridge, `tc tbf rate 1gbit` on both ends (netem is absent here). Namespaces are `lcdp<i>`, the bridge
 `lcdpbr0` (10.78.0.0/24); they are removed at exit. Needs root for the emulated link.
 """
 
@@ -259,10 +261,12 @@ def run_link(link: str, cases: list, args: argparse.Namespace, log_dir: Path) ->
 
 def summarise(link: str, cases: list, per_worker: list[list[dict]], args: argparse.Namespace) -> list[dict]:
     medians: dict[str, float] = {}
+    per_round: dict[str, list[float]] = {}
     extra: dict[str, dict] = {}
     for label, _, _ in cases:
         reps = [[r for r in w if r["case"] == label and not r["warmup"]] for w in per_worker]
         slowest = [max(rs[k]["seconds"] for rs in reps) for k in range(len(reps[0]))]
+        per_round[label] = slowest
         medians[label] = statistics.median(slowest)
         mine = reps[0]
         quartiles = statistics.quantiles(slowest, n=4) if len(slowest) > 1 else [slowest[0]] * 3
@@ -289,8 +293,16 @@ def summarise(link: str, cases: list, per_worker: list[list[dict]], args: argpar
             row["comm_seconds"] = round(t_comm, 4)
             row["exposed_comm"] = round((t - t_compute) / t_comm, 3)
             row["step_over_max"] = round(t / max(t_compute, t_comm), 3)
+            # Paired per round (the cases of one round ran back to back): robust to the
+            # machine's load drifting between rounds.
+            rounds = zip(per_round[label], per_round["compute"], per_round[comm_case])
+            paired = [((s - c) / m, s / max(c, m)) for s, c, m in rounds]
+            row["exposed_comm_paired"] = round(statistics.median(p[0] for p in paired), 3)
+            row["step_over_max_paired"] = round(statistics.median(p[1] for p in paired), 3)
             if "ddp" in medians:
                 row["speedup_vs_ddp"] = round(medians["ddp"] / t, 3)
+                ratios = [d / s for d, s in zip(per_round["ddp"], per_round[label])]
+                row["speedup_vs_ddp_paired"] = round(statistics.median(ratios), 3)
         rows.append(row)
     return rows
 
