@@ -49,6 +49,7 @@ def _run(args: argparse.Namespace) -> int:
         chaos_steps=args.chaos_steps,
         quiet=args.quiet,
         summary_json=args.summary_json,
+        stall_timeout=args.stall_timeout,
     )
     return Launcher(config).run()
 
@@ -81,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--restart-delay", type=float, default=1.0, help="seconds; -1: never restart")
     run.add_argument("--quiet", action="store_true", help="do not stream worker output")
     run.add_argument("--summary-json", default=None, help="write the run summary to this file")
+    run.add_argument(
+        "--stall-timeout", type=float, default=120.0, help="fail after this many seconds without progress"
+    )
     run.add_argument("script")
     run.add_argument("script_args", nargs=argparse.REMAINDER)
     run.set_defaults(func=_run)

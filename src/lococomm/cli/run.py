@@ -64,6 +64,7 @@ class RunConfig:
     port: int = 0
     chaos_steps: int = 1000  # horizon for random chaos
     status_every: float = 1.0  # seconds between progress lines
+    stall_timeout: float = 120.0  # seconds without a committed step before the job is failed
     quiet: bool = False  # do not stream worker output
     summary_json: str | None = None  # also write the summary here as JSON
 
@@ -79,6 +80,7 @@ class Launcher:
         self.config = config
         self.out = out
         chaos = parse(config.chaos)
+        self.random_chaos = isinstance(chaos, RandomChaos)
         if isinstance(chaos, RandomChaos):
             chaos = draw_random(chaos, config.chaos_steps, config.workers)
         for event in chaos:
@@ -97,6 +99,7 @@ class Launcher:
         self.finals: dict[str, dict[str, Any]] = {}
         self._print_lock = threading.Lock()
         self._next_index = config.workers
+        self.members: list[str] = []
         self._finished_ok = False
         self._finished_at = 0.0
 
@@ -170,14 +173,24 @@ class Launcher:
     def _loop(self) -> None:
         next_status = time.monotonic()
         last_committed = -1
+        last_progress = time.monotonic()
         while True:
             now = time.monotonic()
             assert self.coordinator is not None
             snapshot = self.coordinator.snapshot()
+            self.members = list(snapshot["members"]) if snapshot["live"] else []
             committed = int(snapshot["committed"])
+            if now - last_progress > self.config.stall_timeout:
+                self.failures.append(
+                    f"no committed step for {self.config.stall_timeout:.0f} s (stuck at step "
+                    f"{committed}): see the coordinator's log above"
+                )
+                self._say(f"[launcher] {self.failures[-1]}; stopping")
+                return
             if committed != last_committed:
                 self.commit_times.append((now, committed))
                 last_committed = committed
+                last_progress = now
                 for record in self.records:
                     if record.recovered_after is None and committed > record.committed_at_event:
                         record.recovered_after = now - record.time
@@ -243,6 +256,16 @@ class Launcher:
         worker = self.workers.get(event.target if event.target is not None else -1)
         if worker is None or worker.proc.poll() is not None or worker.stopped:
             self._say(f"[chaos] skipping {event.describe()}: w{event.target} is not running")
+            return False
+        # Taking out the last member(s) holding the state would lose the job: random chaos keeps
+        # two members, explicit chaos refuses only to remove the very last one.
+        keep = 2 if self.random_chaos else 1
+        members = self.members
+        if worker.name in members and len(members) - 1 < keep:
+            self._say(
+                f"[chaos] skipping {event.describe()}: it would leave {len(members) - 1} "
+                "member(s) holding the state"
+            )
             return False
         if event.kind == "kill":
             worker.expected_exit = True

@@ -124,3 +124,54 @@ def build_with_abort(build: Any, abort: AbortSignal, timeout: float) -> tuple[An
         return None, f"process group rendezvous failed: {box['error']}"
     log.debug("process group ready in %.1f ms", (time.monotonic() - started) * 1e3)
     return box["pg"], None
+
+
+class EpochGroups:
+    """Builds the process groups of each epoch on the coordinator's TCPStore.
+
+    The store client is re-created whenever the worker re-registered (a restarted coordinator
+    hosts a new store, announced in its welcome).
+    """
+
+    def __init__(self, backend: str, timeout: float, device: Any, client: Any) -> None:
+        self.backend = backend
+        self.timeout = timeout
+        self.device = device
+        self.client = client
+        self._store: Any = None
+        self._store_generation = -1
+
+    def store(self) -> Any:
+        if self._store is None or self._store_generation != self.client.generation:
+            self._store = dist.TCPStore(
+                self.client.host,
+                self.client.store_port,
+                is_master=False,
+                timeout=timedelta(seconds=self.timeout),
+                wait_for_workers=False,
+            )
+            self._store_generation = self.client.generation
+        return self._store
+
+    def new_group(self, prefix: str, rank: int, size: int) -> Any:
+        """A process group of `size` ranks rendezvousing under `prefix` of the store."""
+        return new_process_group(
+            self.backend,
+            dist.PrefixStore(prefix, self.store()),
+            rank,
+            size,
+            self.timeout,
+            self.client.local_address,
+            self.device.index if self.device.type == "cuda" else None,
+        )
+
+    def build(self, info: EpochInfo, abort: AbortSignal) -> tuple[Any, str | None]:
+        """The epoch's cross-replica group (None for a group of one), or why it failed."""
+        if info.world_size == 1:
+            return None, None
+        pg, err = build_with_abort(
+            lambda: self.new_group(info.store_prefix, info.rank, info.world_size), abort, self.timeout
+        )
+        if pg is None:
+            return None, err or "rendezvous failed"
+        return pg, None

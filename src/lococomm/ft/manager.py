@@ -23,7 +23,6 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import Any
 
 import torch
@@ -34,10 +33,10 @@ from lococomm.collectives.abort import AbortSignal
 from lococomm.collectives.buffers import BufferPool, Graveyard
 from lococomm.collectives.communicator import Communicator, Handle
 from lococomm.collectives.stats import accumulate as accumulate_stats
-from lococomm.ft.epoch import EpochInfo, build_with_abort, new_process_group
+from lococomm.ft.epoch import EpochGroups, EpochInfo
 from lococomm.ft.healing import Healer, HealError
+from lococomm.ft.session import CoordinatorSession
 from lococomm.ft.state import ReplicatedState
-from lococomm.membership.client import CoordinatorClient, CoordinatorUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -140,9 +139,6 @@ class Manager:
         if state is not None:
             self._state.register_all(state)
         self._synced = False  # becomes True once this worker's state is known to match
-        self._cond = threading.Condition()
-        self._epoch_message: dict[str, Any] | None = None
-        self._decisions: dict[tuple[int, int], dict[str, Any]] = {}
         self._ctx: _EpochContext | None = None
         self._need_quorum = True
         self._step = 0
@@ -156,26 +152,23 @@ class Manager:
         self._pending: list[Handle] = []
         self._report: dict[str, Any] = {}
         self._digest_paths: list[str] = []
-        self._store: Any = None
-        self._store_generation = -1
         self._closed = False
         self._bytes_retired = 0
         self.pool = BufferPool()
         self.graveyard = Graveyard()
-        self._client = CoordinatorClient(
+        self._session = CoordinatorSession(
             coordinator,
             self.replica_id,
             group_rank,
             group_world_size,
             token if token is not None else (os.environ.get("LOCOCOMM_TOKEN") or None),
             registration=self._registration,
-            on_message=self._on_message,
-            on_connection_change=self._on_connection_change,
+            on_abort=self._on_abort,
             connect_timeout=connect_timeout,
             reconnect_timeout=reconnect_timeout,
             heartbeat_interval=heartbeat_interval,
         )
-        self._client.connect()
+        self._groups = EpochGroups(backend, self.timeout, self.device, self._session.client)
         # A normal interpreter exit leaves gracefully instead of looking like a crash.
         atexit.register(self.close)
 
@@ -283,7 +276,7 @@ class Manager:
             raise RuntimeError("manager is closed")
         if self._in_step:
             raise RuntimeError("start_step() called twice without commit() in between")
-        self._check_client()
+        self._session.check()
         ctx = self._ctx
         if self._need_quorum or ctx is None or ctx.abort.aborted:
             self._quorum()
@@ -313,7 +306,6 @@ class Manager:
             if self._failure is None and ctx.abort.aborted:
                 self._failure = f"aborted: {ctx.abort.reason}"
             vote = {
-                "type": "vote",
                 "epoch": ctx.info.number,
                 "step": self._step,
                 "ok": self._failure is None,
@@ -326,10 +318,9 @@ class Manager:
                 digest, per_tensor, self._digest_paths = self._state.digest()
                 vote["digest"] = digest
                 vote["tensor_digests"] = per_tensor[:_MAX_TENSOR_DIGESTS]
-            sent = self._client.send(vote)
-            if not sent:
+            if not self._session.vote(vote):
                 return self._step_failed("lost the coordinator before voting")
-        decision = self._wait_decision(key)
+        decision = self._session.wait_decision(key, self.timeout)
         ctx.commits += 1
         if decision is None:
             return self._step_failed(self._failure or "no commit decision from the coordinator")
@@ -370,7 +361,7 @@ class Manager:
                 final["digest"] = self.digest()
             except Exception as e:  # a state that cannot be read must not block leaving
                 log.warning("could not digest the state at close: %s", e)
-        self._client.close(leave=True, final=final)
+        self._session.close(final)
         self._retire_epoch("manager closed")
 
     def __enter__(self) -> Manager:
@@ -412,7 +403,7 @@ class Manager:
             lambda: compressed.allreduce(
                 comm, tensor, op, codec, error_feedback, name=name, verify=verify,
                 step=self._step, index=len(self._signatures),
-                make_group=lambda suffix, rank, size: self._new_group(f"{prefix}/{suffix}", rank, size),
+                make_group=lambda suffix, rank, size: self._groups.new_group(f"{prefix}/{suffix}", rank, size),
                 on_stats=lambda stats: accumulate_stats(self.metrics.compressed, stats),
             ),
             False,
@@ -456,9 +447,8 @@ class Manager:
         log.warning("step %d failed: %s", self._step, reason)
         ctx = self._ctx
         if ctx is not None and self._in_step and not self._early_voted:
-            self._early_voted = self._client.send(
+            self._early_voted = self._session.vote(
                 {
-                    "type": "vote",
                     "epoch": ctx.info.number,
                     "step": self._step,
                     "ok": False,
@@ -504,10 +494,6 @@ class Manager:
             return True
         return self.parity_every > 0 and self._step > 0 and self._step % self.parity_every == 0
 
-    def _check_client(self) -> None:
-        if self._client.failure:
-            raise CoordinatorUnavailable(self._client.failure)
-
     def _registration(self) -> dict[str, Any]:
         return {
             "step": self._step,
@@ -515,81 +501,27 @@ class Manager:
             "last_members": self._last_members,
         }
 
-    def _on_message(self, message: dict[str, Any]) -> None:
-        with self._cond:
-            kind = message["type"]
-            if kind == "epoch":
-                self._epoch_message = message
-            elif kind == "decision":
-                key = (int(message["epoch"]), int(message["step"]))
-                self._decisions[key] = message
-                if len(self._decisions) > 64:
-                    for old in sorted(self._decisions)[:-32]:
-                        del self._decisions[old]
-                ctx = self._ctx
-                if not message["ok"] and ctx is not None and ctx.info.number == key[0]:
-                    ctx.abort.abort(str(message.get("reason", "step failed")))
-            self._cond.notify_all()
-
-    def _on_connection_change(self, reason: str) -> None:
-        with self._cond:
-            ctx = self._ctx
-            if ctx is not None:
-                ctx.abort.abort(f"coordinator connection: {reason}")
+    def _on_abort(self, epoch: int | None, reason: str) -> None:
+        """Coordinator push (reader thread): epoch `epoch` failed, or (None) the connection
+        changed. In-flight collectives of that epoch give up; the next step re-forms."""
+        ctx = self._ctx
+        if epoch is None:
             self._need_quorum = True
-            self._cond.notify_all()
-
-    def _wait_decision(self, key: tuple[int, int]) -> dict[str, Any] | None:
-        generation = self._client.generation
-        deadline = time.monotonic() + self.timeout
-        cancelled = False
-        with self._cond:
-            while key not in self._decisions:
-                if self._client.generation != generation or not self._client.connected:
-                    return None
-                now = time.monotonic()
-                if now >= deadline:
-                    if cancelled:
-                        return None
-                    # Withdraw our vote: the coordinator decides False unless it already decided.
-                    cancelled = True
-                    deadline = now + max(1.0, self.timeout / 4)
-                    self._failure = self._failure or "timed out waiting for the commit decision"
-                    self._client.send(
-                        {
-                            "type": "vote",
-                            "epoch": key[0],
-                            "step": key[1],
-                            "ok": False,
-                            "reason": self._failure,
-                        }
-                    )
-                    continue
-                self._cond.wait(min(0.5, deadline - now))
-            return self._decisions[key]
+        if ctx is not None and (epoch is None or ctx.info.number == epoch):
+            ctx.abort.abort(reason)
 
     def _quorum(self) -> None:
         started = time.monotonic()
         deadline = started + self.quorum_timeout
         self._retire_epoch("re-quorum")
         while True:
-            self._check_client()
-            generation = self._client.generation
-            with self._cond:
-                self._epoch_message = None
-            sent = self._client.send(
-                {"type": "quorum", "step": self._step, "synced": self._synced or not len(self._state)}
-            )
-            message = self._wait_epoch_message(generation, sent, deadline)
-            if message is None:
-                continue
-            info = EpochInfo.from_message(message)
+            synced = self._synced or not len(self._state)
+            info = self._session.request_epoch(self._step, synced, deadline, self.quorum_timeout)
             ctx = _EpochContext(info=info, abort=AbortSignal())
-            with self._cond:
-                self._ctx = ctx
-                for (number, _), decision in self._decisions.items():
-                    if number == info.number and not decision["ok"]:
-                        ctx.abort.abort(str(decision.get("reason")))
+            self._ctx = ctx
+            reason = self._session.failed_decision(info.number)
+            if reason is not None:  # it failed before we even built the group
+                ctx.abort.abort(reason)
             if not self._build_group(ctx):
                 self._retire_epoch("rendezvous failed")
                 continue
@@ -622,14 +554,14 @@ class Manager:
         assert comm is not None
         if info.receivers and comm.world_size > 1:
             started = time.monotonic()
-            store = dist.PrefixStore(f"{info.store_prefix}/heal", self._get_store())
+            store = dist.PrefixStore(f"{info.store_prefix}/heal", self._groups.store())
             healer = Healer(
                 comm,
                 store,
                 self._state,
                 info.ranks_of(info.sources),
                 info.ranks_of(info.receivers),
-                make_group=lambda suffix, rank, size: self._new_group(
+                make_group=lambda suffix, rank, size: self._groups.new_group(
                     f"{info.store_prefix}/{suffix}", rank, size
                 ),
             )
@@ -659,43 +591,12 @@ class Manager:
         self._step = info.max_step
         self._synced = True
 
-    def _wait_epoch_message(
-        self, generation: int, sent: bool, deadline: float
-    ) -> dict[str, Any] | None:
-        next_log = time.monotonic() + 10.0
-        with self._cond:
-            while self._epoch_message is None:
-                self._check_client()
-                now = time.monotonic()
-                if now >= deadline:
-                    raise TimeoutError(
-                        f"no quorum within {self.quorum_timeout:.0f}s (replica {self.replica_id}); "
-                        "are enough workers running (min_workers)?"
-                    )
-                if not sent or self._client.generation != generation:
-                    if not self._client.connected:
-                        self._cond.wait(0.1)
-                        if not self._client.connected:
-                            continue
-                    return None  # (re)connected: send the request again
-                if now >= next_log:
-                    log.info("replica %s waiting for a quorum...", self.replica_id)
-                    next_log = now + 10.0
-                self._cond.wait(min(0.5, deadline - now))
-            return self._epoch_message
-
     def _build_group(self, ctx: _EpochContext) -> bool:
         info = ctx.info
-        pg = None
-        if info.world_size > 1:
-            pg, err = build_with_abort(
-                lambda: self._new_group(info.store_prefix, info.rank, info.world_size),
-                ctx.abort,
-                self.timeout,
-            )
-            if pg is None:
-                log.warning("epoch %d: %s", info.number, err)
-                return False
+        pg, err = self._groups.build(info, ctx.abort)
+        if err is not None:
+            log.warning("epoch %d: %s", info.number, err)
+            return False
         ctx.comm = Communicator(
             pg=pg,
             rank=info.rank,
@@ -709,30 +610,6 @@ class Manager:
             device=self.device,
         )
         return True
-
-    def _new_group(self, prefix: str, rank: int, size: int) -> Any:
-        """A process group of `size` ranks rendezvousing under `prefix` of the epoch store."""
-        return new_process_group(
-            self.backend,
-            dist.PrefixStore(prefix, self._get_store()),
-            rank,
-            size,
-            self.timeout,
-            self._client.local_address,
-            self.device.index if self.device.type == "cuda" else None,
-        )
-
-    def _get_store(self) -> Any:
-        if self._store is None or self._store_generation != self._client.generation:
-            self._store = dist.TCPStore(
-                self._client.host,
-                self._client.store_port,
-                is_master=False,
-                timeout=timedelta(seconds=self.timeout),
-                wait_for_workers=False,
-            )
-            self._store_generation = self._client.generation
-        return self._store
 
     def _retire_epoch(self, reason: str) -> None:
         """Abandon the current epoch's group; pending ops stay alive in the graveyard."""
