@@ -314,3 +314,27 @@ def test_bad_arguments_are_rejected_with_clear_errors():
         DataParallel(nn.Linear(2, 2), manager, bucket_mb=0)
     with pytest.raises(TypeError, match=r"torch\.optim\.Optimizer"):
         Optimizer("sgd", manager)
+
+
+@pytest.mark.timeout(60)
+def test_one_member_keeps_its_own_gradients_and_remove_hooks_detaches(coordinator_factory):
+    from lococomm.algorithms.data_parallel import attached
+
+    coordinator = coordinator_factory(heartbeat_timeout=2.0)
+
+    def member(r, manager):
+        net = mlp()
+        model = DataParallel(net, manager, **SMALL)
+        opt = Optimizer(torch.optim.SGD(net.parameters(), lr=0.1), manager)
+        assert opt.models == [model]
+        opt.zero_grad()
+        loss_of(model(batch(0, 0))).backward()
+        assert opt.step() and manager.world_size == 1
+        got = grads(net)
+        model.remove_hooks()
+        return got, attached(manager)
+
+    (got, still_attached), = run_members(coordinator, 1, member)
+    want = member_grads(mlp, params(mlp()), [batch(0, 0)])
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert still_attached == []

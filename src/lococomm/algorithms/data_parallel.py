@@ -285,12 +285,15 @@ class DataParallel(nn.Module):
                 self._discard()
 
     def remove_hooks(self) -> None:
-        """Detach from the parameters (their `.grad` stay plain tensors afterwards)."""
+        """Detach from the parameters and the manager (Optimizer no longer finishes it); the
+        `.grad` tensors stay as they are."""
+        self._check_idle("remove_hooks()")
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
         if self._comm_thread is not None:
             self._comm_thread.close()
+        _ATTACHED.get(self.manager, weakref.WeakSet()).discard(self)
 
     # ------------------------------------------------------------------ hooks
     def _on_grad(self, i: int) -> None:
