@@ -39,6 +39,8 @@ def main() -> None:
     parser.add_argument("--step-sleep", type=float, default=0.0)
     parser.add_argument("--token", default=None)
     parser.add_argument("--view", action="store_true", help="all-reduce a view (private path)")
+    parser.add_argument("--mismatch-at", type=int, default=-1, help="use a wrong shape/dtype here")
+    parser.add_argument("--mismatch", default="shape", choices=["shape", "dtype"])
     args = parser.parse_args()
     logging.basicConfig(
         level=logging.INFO, format=f"%(asctime)s {args.replica} %(name)s: %(message)s", stream=sys.stderr
@@ -48,6 +50,7 @@ def main() -> None:
     manager = lc.Manager(args.coordinator, replica_id=args.replica, timeout=args.timeout, token=args.token)
     out.write(json.dumps({"event": "registered", "time": time.time()}) + "\n")
     stopped = False
+    mismatched = False  # only the first attempt of --mismatch-at uses the wrong tensor
     while manager.step < args.steps:
         if manager.step == args.leave_at:
             out.write(json.dumps({"event": "leave", "step": manager.step, "time": time.time()}) + "\n")
@@ -59,9 +62,15 @@ def main() -> None:
         if args.view:
             base = torch.full((args.numel + 8,), value)
             tensor = base[4:-4]
+        elif step == args.mismatch_at and not mismatched and args.mismatch == "shape":
+            tensor = torch.full((args.numel + 1,), value)
+            mismatched = True
+        elif step == args.mismatch_at and not mismatched and args.mismatch == "dtype":
+            tensor = torch.full((args.numel,), value, dtype=torch.float64)
+            mismatched = True
         else:
             tensor = torch.full((args.numel,), value)
-        handle = manager.allreduce(tensor, op=args.op, async_op=True)
+        handle = manager.allreduce(tensor, op=args.op, async_op=True, name="grads")
         if step == args.kill_at:
             out.write(json.dumps({"event": "kill", "step": step, "time": time.time()}) + "\n")
             os.kill(os.getpid(), signal.SIGKILL)
@@ -85,6 +94,7 @@ def main() -> None:
                     "value": first,
                     "uniform": bool(torch.all(tensor == first)),
                     "failure": manager.last_failure if not committed else "",
+                    "dtype": str(tensor.dtype),
                     "time": time.time(),
                 }
             )
