@@ -41,13 +41,21 @@ def main() -> None:
     parser.add_argument("--view", action="store_true", help="all-reduce a view (private path)")
     parser.add_argument("--mismatch-at", type=int, default=-1, help="use a wrong shape/dtype here")
     parser.add_argument("--mismatch", default="shape", choices=["shape", "dtype"])
+    parser.add_argument("--mismatch-always", action="store_true", help="never fix the mismatch")
+    parser.add_argument("--max-retries", type=int, default=100)
     args = parser.parse_args()
     logging.basicConfig(
         level=logging.INFO, format=f"%(asctime)s {args.replica} %(name)s: %(message)s", stream=sys.stderr
     )
     torch.set_num_threads(1)
     out = open(args.out, "a", buffering=1)
-    manager = lc.Manager(args.coordinator, replica_id=args.replica, timeout=args.timeout, token=args.token)
+    manager = lc.Manager(
+        args.coordinator,
+        replica_id=args.replica,
+        timeout=args.timeout,
+        token=args.token,
+        max_retries=args.max_retries,
+    )
     out.write(json.dumps({"event": "registered", "time": time.time()}) + "\n")
     stopped = False
     mismatched = False  # only the first attempt of --mismatch-at uses the wrong tensor
@@ -64,10 +72,10 @@ def main() -> None:
             tensor = base[4:-4]
         elif step == args.mismatch_at and not mismatched and args.mismatch == "shape":
             tensor = torch.full((args.numel + 1,), value)
-            mismatched = True
+            mismatched = not args.mismatch_always
         elif step == args.mismatch_at and not mismatched and args.mismatch == "dtype":
             tensor = torch.full((args.numel,), value, dtype=torch.float64)
-            mismatched = True
+            mismatched = not args.mismatch_always
         else:
             tensor = torch.full((args.numel,), value)
         handle = manager.allreduce(tensor, op=args.op, async_op=True, name="grads")

@@ -61,3 +61,19 @@ def test_mismatched_collective_fails_the_step_with_a_message_naming_it(workers, 
         assert [r["step"] for r in rows if r["committed"]] == list(range(6))
         # Untouched on failure.
         assert failed[0]["value"] == (int(name[1]) + 1) * 4
+
+
+@pytest.mark.timeout(90)
+def test_a_step_that_always_fails_ends_with_an_error_instead_of_looping(workers, coordinator_factory):
+    coordinator = coordinator_factory(heartbeat_timeout=2.0, initial_workers=2)
+    for i in range(2):
+        extra = ("--mismatch-at", "2", "--mismatch-always") if i == 1 else ()
+        workers.start(
+            f"w{i}", "fault_worker.py", "--coordinator", coordinator.address, "--replica", f"w{i}",
+            "--steps", "5", "--numel", "100", "--max-retries", "5", *extra,
+        )
+    for name in ("w0", "w1"):
+        assert workers.wait_exit(name, 60) == 1, workers.dump()
+        err = workers.stderr(name)
+        assert "StepRetriesExhausted" in err and "step 2 failed 5 times in a row" in err
+        assert "mismatched collectives" in err

@@ -2,7 +2,7 @@
 
 from lococomm.collectives.communicator import Handle
 from lococomm.compress import codecs
-from lococomm.ft.manager import Manager, StepMetrics
+from lococomm.ft.manager import Manager, StepMetrics, StepRetriesExhausted
 from lococomm.ft.state import TorchRNG
 from lococomm.membership.client import AuthenticationError, CoordinatorUnavailable
 from lococomm.membership.coordinator import Coordinator
@@ -15,6 +15,7 @@ __all__ = [
     "codecs",
     "Manager",
     "StepMetrics",
+    "StepRetriesExhausted",
     "TorchRNG",
 ]
 __version__ = "0.1.0"

@@ -66,6 +66,10 @@ class StepMetrics:
         return {k: v for k, v in vars(self).items()}
 
 
+class StepRetriesExhausted(RuntimeError):
+    """The same step kept failing (see Manager(max_retries=...)); the last reason is included."""
+
+
 def _exit_on_sigterm(signum: int, frame: Any) -> None:
     raise SystemExit(0)
 
@@ -99,6 +103,9 @@ class Manager:
             of them); healed into joiners and compared by digest. See `register_state`.
         parity_every: compare state digests across members every this many steps (and at the
             first commit after every heal); 0 disables the periodic check.
+        max_retries: start_step() raises StepRetriesExhausted once the same step has failed
+            this many times in a row (a deterministic bug, e.g. mismatched collectives, would
+            otherwise be retried forever); None never gives up.
     """
 
     def __init__(
@@ -117,6 +124,7 @@ class Manager:
         device: torch.device | str | None = None,
         state: Any = None,
         parity_every: int = 100,
+        max_retries: int | None = 100,
     ) -> None:
         if backend not in ("gloo", "nccl"):
             raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
@@ -135,6 +143,8 @@ class Manager:
         self.device = torch.device(device)
         self.metrics = StepMetrics()
         self.parity_every = int(parity_every)
+        self.max_retries = max_retries
+        self._consecutive_failures = 0
         self._state = ReplicatedState()
         if state is not None:
             self._state.register_all(state)
@@ -277,6 +287,11 @@ class Manager:
         if self._in_step:
             raise RuntimeError("start_step() called twice without commit() in between")
         self._session.check()
+        if self.max_retries is not None and self._consecutive_failures >= self.max_retries:
+            raise StepRetriesExhausted(
+                f"step {self._step} failed {self._consecutive_failures} times in a row; last "
+                f"reason: {self.metrics.last_failure}"
+            )
         ctx = self._ctx
         if self._need_quorum or ctx is None or ctx.abort.aborted:
             self._quorum()
@@ -342,6 +357,7 @@ class Manager:
             return self._step_failed(self._failure or str(decision.get("reason", "")))
         self._step += 1
         self.metrics.committed += 1
+        self._consecutive_failures = 0
         self.metrics.bytes_sent = self._bytes_sent_total()
         return True
 
@@ -479,6 +495,7 @@ class Manager:
         return handle.wait()
 
     def _step_failed(self, reason: str) -> bool:
+        self._consecutive_failures += 1
         self._need_quorum = True
         self.metrics.failed += 1
         self.metrics.last_failure = reason
