@@ -128,6 +128,9 @@ def main() -> None:
     parser.add_argument("--kill-wait", type=int, default=2)
     parser.add_argument("--step-sleep", type=float, default=0.0)
     parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--slow-until-members", type=int, default=0,
+                        help="after --slow-after, sleep 0.5 s per step while fewer members")
+    parser.add_argument("--slow-after", type=int, default=0)
     parser.add_argument("--ring-min-bytes", type=int, default=-1, help="override (tiny-tensor rings)")
     args = parser.parse_args()
     if args.ring_min_bytes >= 0:
@@ -222,6 +225,8 @@ def main() -> None:
         out.write(json.dumps(row) + "\n")
         if args.step_sleep:
             time.sleep(args.step_sleep)
+        if step >= args.slow_after and len(members) < args.slow_until_members:
+            time.sleep(0.5)  # give a restarted worker time to start and join
     out.write(json.dumps({"event": "done", "step": manager.step, "metrics": manager.metrics.as_dict(), "time": time.time()}) + "\n")
     manager.close()
 

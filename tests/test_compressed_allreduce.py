@@ -204,7 +204,7 @@ def test_training_continues_without_a_loss_spike_after_kill_and_join(workers, co
     coordinator = coordinator_factory(initial_workers=3)
     common = ["--codecs", json.dumps([{"name": "int4", "config": {}}]), "--ef", "ef",
               "--mode", "train", "--steps", "60", "--step-sleep", "0.03"]  # fmt: skip
-    start(workers, coordinator, 2, *common)
+    start(workers, coordinator, 2, *common, "--slow-after", "30", "--slow-until-members", "3")
     workers.start("w2", "compressed_worker.py", "--coordinator", coordinator.address,
                   "--replica", "w2", *common, "--kill-at", "20")  # fmt: skip
     assert workers.wait_exit("w2", 60) == -signal.SIGKILL
