@@ -25,9 +25,14 @@ run: setup
 test: setup
 	$(PY) -m pytest -q
 
+# Benchmarks print JSON lines (figure + same-run baseline). The emulated-link cases need root
+# (network namespaces + tc); `--links loopback` runs without.
 bench: setup
+	$(PIP) install --quiet -e ".[bench]"
 	$(PY) benchmarks/kernels.py
 	$(PY) benchmarks/ft_allreduce.py
+	$(PY) benchmarks/heal.py
+	$(PY) benchmarks/compressed_allreduce.py
 
 lint: setup
 	$(VENV)/bin/ruff check .
