@@ -115,6 +115,9 @@ def worker(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     rank = args.index
+    if args.pin:  # worker i (and all its threads: compute, gloo, comm) on core i
+        cores = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cores[rank % len(cores)]})
     dist.init_process_group(
         "gloo", init_method=f"tcp://{args.master}:{args.port}", rank=rank, world_size=WORLD
     )
@@ -234,6 +237,7 @@ def run_link(link: str, cases: list, args: argparse.Namespace, log_dir: Path) ->
                 coordinator.address, "--master", addresses[0], "--port", str(port),
                 "--batch", str(args.batch), "--threads", str(args.threads), "--reps", str(args.reps),
                 "--warmup", str(args.warmup), "--cases", json.dumps(cases), "--out", str(out),
+                *(["--pin"] if args.pin else []),
             ]  # fmt: skip
             if gbps is not None:
                 cmd = ["ip", "netns", "exec", f"lcdp{i}", *cmd]
@@ -284,7 +288,7 @@ def summarise(link: str, cases: list, per_worker: list[list[dict]], args: argpar
     rows = []
     for label, kind, opts in cases:
         t = medians[label]
-        row = {"link": link, "batch": args.batch, "threads": args.threads, "case": label,
+        row = {"link": link, "batch": args.batch, "threads": args.threads, "pin": args.pin, "case": label,
                "kind": kind, **opts, "step_seconds": round(t, 4), **extra[label]}  # fmt: skip
         comm_case = "comm-int8" if opts.get("codec") == "int8" else "comm-fp32"
         t_comm = medians.get(comm_case)
@@ -318,6 +322,7 @@ def main() -> None:
     parser.add_argument("--out", help="worker: log file; driver: also append the JSON lines here")
     parser.add_argument("--batch", type=int, default=512, help="rows per step and worker")
     parser.add_argument("--threads", type=int, default=1, help="torch compute threads per worker")
+    parser.add_argument("--pin", action="store_true", help="pin worker i to core i")
     parser.add_argument("--reps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--links", default="loopback,1gbit")

@@ -92,10 +92,7 @@ def main() -> None:
         backward = time.monotonic() - started
         committed = opt.step()
         seconds = time.monotonic() - started
-        views = all(
-            any(p.grad.data_ptr() == v.data_ptr() for b in model._buckets for v in b.views)
-            for p in net.parameters()
-        )
+        views = model.grads_are_views()
         log(
             event="step", step=step, committed=committed, epoch=manager.epoch,
             members=manager.members, loss=loss.item(), digest=digest(net),

@@ -71,11 +71,12 @@ def test_grads_are_views_into_the_buckets_and_stay_views_across_steps(coordinato
             opt.zero_grad()  # torch's zero_grad(set_to_none=True) runs inside; views come back
             loss_of(model(batch(r, s))).backward()
             assert opt.step()
-            for bucket in model._buckets:
-                storages.add(bucket.buf.untyped_storage().data_ptr())
+            for buf in model.bucket_buffers:
+                storages.add(buf.untyped_storage().data_ptr())
+            assert model.grads_are_views()
             for p in net.parameters():
                 ptr = p.grad.untyped_storage().data_ptr()
-                assert any(ptr == b.buf.untyped_storage().data_ptr() for b in model._buckets)
+                assert any(ptr == b.untyped_storage().data_ptr() for b in model.bucket_buffers)
         return len(storages), len(model.buckets)
 
     for n_storages, n_buckets in run_members(coordinator, 2, member):

@@ -7,9 +7,9 @@
         loss_fn(model(x), y).backward() # buckets are all-reduced while backward runs
         opt.step()                      # finish() + manager.commit(); applied only if committed
 
-Gradients live in flat buckets owned by DataParallel: every trainable parameter's `.grad` is
-a view into one (autograd accumulates straight into it), so an exact bucket goes to gloo/NCCL
-with no copy at all. Buckets follow reverse registration order, the first one small
+Gradients live in flat buckets owned by DataParallel (grad_buckets.py): every trainable
+parameter's `.grad` is a view into one (autograd accumulates straight into it), so an exact
+bucket goes to gloo/NCCL with no copy at all. Buckets follow reverse registration order, the first one small
 (buckets.py). A post-accumulate-grad hook marks a parameter ready; when every parameter of a
 bucket is ready and all earlier buckets were launched, the bucket is launched (in bucket
 order on every member, so ops stay aligned even if backward visits layers in another order):
@@ -28,7 +28,7 @@ the manager; later hooks of the same backward see the failed step and launch not
 backward completes without blocking, and `finish()` returns at once. A bucket whose op may
 still be pending in gloo (a hung peer can make it complete later and write stale bytes) is
 given up for good: buried in the manager's graveyard, replaced by a fresh zeroed buffer, and
-every `.grad` view re-pointed at the new one (bucket_allreduce.py). After a failed step all
+every `.grad` view re-pointed at the new one (bucket_allreduce.py, grad_buckets.py). After a failed step all
 gradients are zero: nothing of it is applied and the batch may be retried.
 
 Details: frozen parameters (requires_grad=False at construction) are left alone; parameters
@@ -61,6 +61,7 @@ from lococomm.algorithms.buckets import (
     plan_buckets,
 )
 from lococomm.algorithms.comm_thread import CommThread, Job
+from lococomm.algorithms.grad_buckets import GradBuckets
 from lococomm.collectives import signature
 from lococomm.collectives.bucket_allreduce import BucketAllreduce, Outcome
 from lococomm.compress.base import Codec
@@ -82,10 +83,10 @@ def attached(manager: Any) -> list[DataParallel]:
 
 @dataclass
 class _Bucket:
+    """One bucket's progress in the current sync window (its memory is in GradBuckets)."""
+
     spec: BucketSpec
-    buf: torch.Tensor  # flat gradient storage owned by DataParallel
-    views: list[torch.Tensor]  # one per parameter, shaped like it, into `buf`
-    compressed: bool
+    compressed: bool  # goes through the codec (on the comm thread)
     ready: int = 0  # parameters whose gradient arrived in this sync window
     launched: bool = False
     op: BucketAllreduce | None = None  # exact op in flight
@@ -121,8 +122,11 @@ class DataParallel(nn.Module):
         error_feedback: with a codec: True for classic ErrorFeedback, or an ErrorFeedback /
             EF21 / EControl object on the same codec (state keyed "bucket<i>"). Its per-step
             transaction is finished by `end_step(committed)` (Optimizer does it).
-        bucket_mb: bucket size cap in MiB (first bucket per dtype: `first_bucket_mb`).
+        bucket_mb: bucket size cap in MiB. 25 is torch DDP's default; on CPU/gloo and slow
+            links ~4 (about one layer) hides more communication (docs/data_parallel.md).
         overlap: launch buckets from backward hooks (True) or all at finish() (False).
+        first_bucket_mb: cap of the first bucket of each dtype in MiB (small, so the first
+            all-reduce starts early in backward).
         find_unused_parameters: one extra tiny all-reduce per step so parameters no member
             used keep `.grad = None` (otherwise they get a zero gradient).
     """
@@ -168,13 +172,15 @@ class DataParallel(nn.Module):
             for p in self._params
         ]
         specs = plan_buckets(infos, int(bucket_mb * (1 << 20)), int(first_bucket_mb * (1 << 20)))
-        config = f"codec={self.codec.spec() if self.codec else None}|ef={type(self.error_feedback).__name__}|unused={self.find_unused_parameters}"
+        codec_spec = self.codec.spec() if self.codec else None
+        ef_kind = type(self.error_feedback).__name__
+        config = f"codec={codec_spec}|ef={ef_kind}|unused={self.find_unused_parameters}"
         self.layout = layout_hash(infos, specs, config)
-        self._buckets = [self._allocate(spec) for spec in specs]
-        self._slot: list[tuple[int, int]] = [(0, 0)] * len(self._params)  # (bucket, position)
-        for b, spec in enumerate(specs):
-            for k, i in enumerate(spec.params):
-                self._slot[i] = (b, k)
+        self._storage = GradBuckets(self._params, specs)
+        self._buckets = [
+            _Bucket(spec, self.codec is not None and self._storage.dtype(b) in COMPRESSIBLE)
+            for b, spec in enumerate(specs)
+        ]
         self._managed = {id(p) for p in self._params}
         self._ready = [False] * len(self._params)
         self._used = [False] * len(self._params)
@@ -189,8 +195,7 @@ class DataParallel(nn.Module):
             for i, p in enumerate(self._params)
         ]
         with torch.no_grad():
-            for i in range(len(self._params)):
-                self._adopt(i, zero_if_missing=True)
+            self._storage.adopt_all(zero_if_missing=True)
         _ATTACHED.setdefault(manager, weakref.WeakSet()).add(self)
         log.info(
             "DataParallel: %d parameters in %d buckets (%s MiB), %s, overlap=%s",
@@ -217,6 +222,15 @@ class DataParallel(nn.Module):
     def parameter_names(self) -> list[str]:
         return list(self._names)
 
+    @property
+    def bucket_buffers(self) -> list[torch.Tensor]:
+        """The current flat buffers (read-only use: a failed step may replace them)."""
+        return list(self._storage.buffers)
+
+    def grads_are_views(self) -> bool:
+        """True if every synchronised parameter's `.grad` is a view into its bucket."""
+        return self._storage.all_views()
+
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
         """Accumulate gradients locally (no communication) inside the block, as torch DDP."""
@@ -234,10 +248,7 @@ class DataParallel(nn.Module):
         """
         self._check_idle("zero_grad()")
         with torch.no_grad():
-            for bucket in self._buckets:
-                bucket.buf.zero_()
-            for i in range(len(self._params)):
-                self._adopt(i, zero_if_missing=False)
+            self._storage.zero_()
         self._reset_window()
         self._used = [False] * len(self._params)
 
@@ -265,7 +276,7 @@ class DataParallel(nn.Module):
                 ok = self._drop_unused()
             if not ok or self.manager.step_failed:
                 ok = False
-                self._discard()
+                self._storage.zero_()
         self.metrics.buckets = len(self._buckets)
         self.metrics.wait_seconds = time.perf_counter() - started
         self.metrics.launched_in_backward = self._hook_launches
@@ -282,7 +293,7 @@ class DataParallel(nn.Module):
         if not committed:
             self._check_idle("end_step()")
             with torch.no_grad():
-                self._discard()
+                self._storage.zero_()
 
     def remove_hooks(self) -> None:
         """Detach from the parameters and the manager (Optimizer no longer finishes it); the
@@ -300,7 +311,7 @@ class DataParallel(nn.Module):
         """Post-accumulate-grad hook of parameter i (autograd's thread)."""
         self._used[i] = True
         with torch.no_grad():
-            self._adopt(i, zero_if_missing=False)
+            self._storage.adopt(i, zero_if_missing=False)
         if not self._sync:
             return
         if self._ready[i]:
@@ -311,7 +322,7 @@ class DataParallel(nn.Module):
                 "accumulation window (or call finish()/step() between backwards)"
             )
         self._ready[i] = True
-        bucket = self._buckets[self._slot[i][0]]
+        bucket = self._buckets[self._storage.slot[i][0]]
         bucket.ready += 1
         if not self.overlap:
             return
@@ -327,7 +338,7 @@ class DataParallel(nn.Module):
     # ------------------------------------------------------------------ launching
     def _launch(self, bucket: _Bucket) -> None:
         """Send one bucket (hook thread or finish()). Gradients of its parameters that did
-        not arrive this window (unused) are already in place or zeroed by _adopt."""
+        not arrive this window (unused) are kept (no_sync sums) or zeroed."""
         manager = self.manager
         if not manager.in_step:
             raise RuntimeError(
@@ -336,7 +347,7 @@ class DataParallel(nn.Module):
             )
         for i in bucket.spec.params:
             if not self._ready[i]:
-                self._adopt(i, zero_if_missing=True)
+                self._storage.adopt(i, zero_if_missing=True)
         bucket.launched = True
         if self._comm_thread is not None:
             bucket.job = self._comm_thread.submit(lambda: self._issue(bucket))
@@ -358,10 +369,11 @@ class DataParallel(nn.Module):
             return False
         spec = bucket.spec
         label = f"DataParallel bucket{spec.index} {spec.dtype[6:]}[{spec.numel}]"
+        buf = self._storage.buffers[spec.index]
         if bucket.compressed:
             return bool(
                 manager.allreduce(
-                    bucket.buf,
+                    buf,
                     op="mean",
                     codec=self.codec,
                     error_feedback=self.error_feedback,
@@ -370,7 +382,7 @@ class DataParallel(nn.Module):
                 )
             )
         manager.record_signature(f"allreduce(sum) {label}")
-        bucket.op = BucketAllreduce(comm, bucket.buf, label)
+        bucket.op = BucketAllreduce(comm, buf, label)
         return bucket.op.start()
 
     def _verify_layout(self, comm: Any) -> bool:
@@ -419,18 +431,13 @@ class DataParallel(nn.Module):
 
     def _replace(self, bucket: _Bucket) -> None:
         """The old buffer belongs to a zombie op now: new zeroed buffer, re-pointed grads."""
-        fresh = self._allocate(bucket.spec)
-        for k, i in enumerate(bucket.spec.params):
-            p = self._params[i]
-            if p.grad is not None and _same_view(p.grad, bucket.views[k]):
-                p.grad = fresh.views[k]
-        bucket.buf, bucket.views = fresh.buf, fresh.views
+        self._storage.replace(bucket.spec.index)
         self.metrics.abandoned_buckets += 1
         log.info("DataParallel: bucket %d abandoned to a pending op; re-allocated", bucket.spec.index)
 
     def _drop_unused(self) -> bool:
         """Members agree on which parameters anyone used; the rest keep grad None."""
-        used = torch.tensor(self._used, dtype=torch.uint8, device=self._buckets[0].buf.device)
+        used = torch.tensor(self._used, dtype=torch.uint8, device=self._params[0].device)
         if self.manager.world_size > 1:
             ok = self.manager.allreduce(used, op="max", name="DataParallel used", verify=False)
             if not ok:
@@ -440,38 +447,7 @@ class DataParallel(nn.Module):
                 self._params[i].grad = None
         return True
 
-    def _discard(self) -> None:
-        for bucket in self._buckets:
-            bucket.buf.zero_()
-        for i in range(len(self._params)):
-            self._adopt(i, zero_if_missing=False)
-
     # ------------------------------------------------------------------ helpers
-    def _allocate(self, spec: BucketSpec) -> _Bucket:
-        first = self._params[spec.params[0]]
-        buf = torch.zeros(spec.numel, dtype=first.dtype, device=first.device)
-        views = [
-            buf[off : off + self._params[i].numel()].view(self._params[i].shape)
-            for i, off in zip(spec.params, spec.offsets)
-        ]
-        compressed = self.codec is not None and first.dtype in COMPRESSIBLE
-        return _Bucket(spec, buf, views, compressed)
-
-    def _adopt(self, i: int, zero_if_missing: bool) -> None:
-        """Make parameter i's `.grad` its bucket view, keeping the gradient's value."""
-        p = self._params[i]
-        b, k = self._slot[i]
-        view = self._buckets[b].views[k]
-        grad = p.grad
-        if grad is None:
-            if zero_if_missing:
-                view.zero_()
-        elif _same_view(grad, view):
-            return
-        else:
-            view.copy_(grad)
-        p.grad = view
-
     def _reset_window(self) -> None:
         for bucket in self._buckets:
             bucket.reset()
@@ -506,10 +482,6 @@ def _make_hook(ref: weakref.ReferenceType[DataParallel], i: int) -> Any:
             dp._on_grad(i)
 
     return hook
-
-
-def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
 
 
 def _check_codec(codec: Any, error_feedback: Any) -> tuple[Codec | None, Any]:
