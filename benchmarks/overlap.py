@@ -1,7 +1,10 @@
 """How much gradient communication DataParallel hides behind backward, vs torch DDP.
 
-    sudo .venv/bin/python benchmarks/overlap.py                  # JSON lines on stdout
-    .venv/bin/python benchmarks/overlap.py --links loopback      # no root needed
+    sudo .venv/bin/python benchmarks/overlap.py --batch 1024 --pin   # JSON lines on stdout
+    .venv/bin/python benchmarks/overlap.py --links loopback          # no root needed
+
+Results and their reading: docs/data_parallel.md. `--pin` puts worker i (all its threads) on
+core i, the setting that works best on a 2-core machine (same doc).
 
 Model: 8 x nn.Linear(1024, 1024) (~32 MiB of fp32 gradients), loss = mean(out^2) on a random
 batch; 2 workers, `--threads` compute threads each (default 1). Every case runs in the same
