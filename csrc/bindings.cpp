@@ -3,7 +3,9 @@
 // src/lococomm/ops/kernels.py validate user input first; the checks here guard the pointers.
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <optional>
+#include <vector>
 
 #include "kernels.h"
 
@@ -149,6 +151,90 @@ int64_t topk_chunked(const at::Tensor& x, const std::optional<at::Tensor>& state
   });
 }
 
+int64_t chunked_total(int64_t n, int64_t chunk, int64_t k_chunk, int64_t k_last) {
+  if (n == 0) return 0;
+  const int64_t nchunks = (n + chunk - 1) / chunk;
+  return (nchunks - 1) * k_chunk + std::min(k_last, n - (nchunks - 1) * chunk);
+}
+
+void check_chunking(int64_t chunk, int64_t k_chunk, int64_t k_last) {
+  TORCH_CHECK(chunk > 0 && chunk <= 65536, "chunk must be in [1, 65536]");
+  TORCH_CHECK(k_chunk >= 1 && k_chunk <= chunk, "k_chunk must be in [1, chunk]");
+  TORCH_CHECK(k_last >= 1, "k_last must be >= 1");
+}
+
+int64_t sparseloco_encode(const at::Tensor& x, const std::optional<at::Tensor>& state,
+                          const std::optional<at::Tensor>& state_out, int64_t chunk,
+                          int64_t k_chunk, int64_t k_last, bool stochastic, int64_t k0,
+                          int64_t k1, at::Tensor& codes, at::Tensor& indices,
+                          at::Tensor& scales) {
+  const int64_t n = x.numel();
+  check_chunking(chunk, k_chunk, k_last);
+  TORCH_CHECK(state.has_value() == state_out.has_value(), "state and state_out go together");
+  const int64_t total = chunked_total(n, chunk, k_chunk, k_last);
+  const int64_t nchunks = (n + chunk - 1) / chunk;
+  check_cpu(codes, "codes");
+  TORCH_CHECK(codes.element_size() == 1 && codes.numel() == (total + 3) / 4,
+              "codes: uint8[(total + 3) / 4]");
+  check_cpu(indices, "indices");
+  TORCH_CHECK(indices.element_size() == 2 && indices.numel() == total, "indices: 16-bit[total]");
+  check_f32(scales, "scales", 2 * nchunks);
+  const float* s = opt_ptr(state, "state", n);
+  float* so = opt_mut_ptr(state_out, "state_out", n);
+  auto* c = static_cast<uint8_t*>(codes.data_ptr());
+  auto* ix = static_cast<uint16_t*>(indices.data_ptr());
+  float* sc = scales.data_ptr<float>();
+  const int nt = at::get_num_threads();
+  return with_input(x, [&](auto* xp) {
+    pybind11::gil_scoped_release nogil;
+    return lococomm::sparseloco_encode(xp, s, so, n, chunk, k_chunk, k_last, stochastic,
+                                       static_cast<uint32_t>(k0), static_cast<uint32_t>(k1), c,
+                                       ix, sc, nt);
+  });
+}
+
+// out (+)= sum of chunked sparse payloads (TopK values or SparseLoCo codes + scales), / divisor.
+void chunked_sparse_sum(at::Tensor& out, const std::vector<at::Tensor>& values,
+                        const std::vector<at::Tensor>& codes,
+                        const std::vector<at::Tensor>& scales,
+                        const std::vector<at::Tensor>& indices, int64_t chunk, int64_t k_chunk,
+                        int64_t k_last, bool accumulate, double divisor) {
+  const int64_t n = out.numel();
+  check_f32(out, "out", n);
+  check_chunking(chunk, k_chunk, k_last);
+  const int64_t total = chunked_total(n, chunk, k_chunk, k_last);
+  const int64_t nchunks = (n + chunk - 1) / chunk;
+  const size_t count = indices.size();
+  const bool sparseloco = values.empty();
+  TORCH_CHECK(sparseloco ? (codes.size() == count && scales.size() == count)
+                         : (values.size() == count && codes.empty() && scales.empty()),
+              "pass values (TopK) or codes and scales (SparseLoCo) for every payload");
+  std::vector<lococomm::SparsePayload> pls(count);
+  for (size_t r = 0; r < count; ++r) {
+    check_cpu(indices[r], "indices");
+    TORCH_CHECK(indices[r].element_size() == 2 && indices[r].numel() == total,
+                "indices: 16-bit[", total, "]");
+    pls[r].indices = static_cast<const uint16_t*>(indices[r].data_ptr());
+    if (sparseloco) {
+      check_cpu(codes[r], "codes");
+      TORCH_CHECK(codes[r].element_size() == 1 && codes[r].numel() == (total + 3) / 4,
+                  "codes: uint8[(total + 3) / 4]");
+      check_f32(scales[r], "scales", 2 * nchunks);
+      pls[r].codes = static_cast<const uint8_t*>(codes[r].data_ptr());
+      pls[r].scales = scales[r].data_ptr<float>();
+    } else {
+      check_f32(values[r], "values", total);
+      pls[r].values = values[r].data_ptr<float>();
+    }
+  }
+  float* o = out.data_ptr<float>();
+  const int nt = at::get_num_threads();
+  pybind11::gil_scoped_release nogil;
+  lococomm::chunked_sparse_sum(o, n, chunk, k_chunk, k_last, pls.data(),
+                               static_cast<int>(count), accumulate, static_cast<float>(divisor),
+                               nt);
+}
+
 void nesterov_outer(at::Tensor& snapshot, at::Tensor& momentum, const at::Tensor& delta,
                     const std::optional<at::Tensor>& local, double lr, double mu,
                     double delta_scale, bool nesterov, bool from_average) {
@@ -205,11 +291,13 @@ at::Tensor rng(int64_t k0, int64_t k1, int64_t offset, int64_t n) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "lococomm fused CPU kernels (see src/lococomm/ops for the torch references)";
   // Bumped whenever a binding's signature or semantics change; Python refuses a mismatch.
-  m.attr("ABI_VERSION") = 2;
+  m.attr("ABI_VERSION") = 3;
   m.def("quantize", &quantize, "block-absmax quantise (+ EF state update)");
   m.def("dequantize", &dequantize, "block dequantise (optionally += into out)");
   m.def("topk_global", &topk_global, "exact top-k by magnitude (+ EF residual)");
   m.def("topk_chunked", &topk_chunked, "per-chunk exact top-k (+ EF residual)");
+  m.def("sparseloco_encode", &sparseloco_encode, "chunked top-k + 2-bit values (+ EF residual)");
+  m.def("chunked_sparse_sum", &chunked_sparse_sum, "sum of chunked sparse payloads (/ divisor)");
   m.def("nesterov_outer", &nesterov_outer, "fused DiLoCo SGD-Nesterov outer step");
   m.def("pseudo_gradient", &pseudo_gradient, "out = snapshot - local");
   m.def("rng", &rng, "counter-based RNG words (tests)");

@@ -53,6 +53,33 @@ int64_t topk_chunked(const T* x, const float* state, float* state_out, int64_t n
                      int64_t k_chunk, int64_t k_last, float* values, uint16_t* indices,
                      int nthreads);
 
+// SparseLoCo: the chunked top-k above, then per chunk two magnitude levels lo = min |v|,
+// hi = max |v| of the kept entries and a 2-bit code per kept entry (bit 0: v < 0, bit 1: level
+// hi, nearest t >= 0.5 or stochastic u < t with t = (|v| - lo) / (hi - lo) (0 if hi == lo) and
+// u from the RNG at the entry's position in the payload), packed 4 per byte, little end first;
+// scales = (lo, hi) per chunk. With state (classic EF) s_out = p - D(C(p)).
+// Returns the number of non-finite entries of p (then nothing is encoded).
+template <typename T>
+int64_t sparseloco_encode(const T* x, const float* state, float* state_out, int64_t n,
+                          int64_t chunk, int64_t k_chunk, int64_t k_last, bool stochastic,
+                          uint32_t k0, uint32_t k1, uint8_t* codes, uint16_t* indices,
+                          float* scales, int nthreads);
+
+// One chunked sparse payload: fp32 values (TopK) or SparseLoCo codes + scales, and the uint16
+// chunk offsets.
+struct SparsePayload {
+  const float* values = nullptr;
+  const uint8_t* codes = nullptr;
+  const float* scales = nullptr;
+  const uint16_t* indices = nullptr;
+};
+// out = (0, or out with accumulate) + sum over payloads in order of their decoded entries,
+// then divided by `divisor` (skipped when 1): per element one add per payload holding it, in
+// payload order, and one division.
+void chunked_sparse_sum(float* out, int64_t n, int64_t chunk, int64_t k_chunk, int64_t k_last,
+                        const SparsePayload* payloads, int count, bool accumulate,
+                        float divisor, int nthreads);
+
 // DiLoCo outer step with SGD-Nesterov, fused with the pseudo-gradient:
 //   d = delta * delta_scale, or with from_average d = (snapshot - delta) * delta_scale
 //   (delta then holds the averaged parameters); m = mu * m + d; u = nesterov ? d + mu * m : m;

@@ -103,14 +103,13 @@ class SparseAllgather:
             return self._fail(f"{type(e).__name__}: {e}")
         with Timer(self.stats, "decode_seconds"):
             for a, b, meta, out in gathered:
-                acc = self.result[a:b]
-                acc.zero_()
                 nbytes = out.numel() // w
-                for rank in range(w):
-                    payload = Payload.from_buffer(meta, out[rank * nbytes : (rank + 1) * nbytes])
-                    self.codec.decode_accumulate_(acc, payload)
-                if self.mean:
-                    acc.div_(w)
+                payloads = [
+                    Payload.from_buffer(meta, out[rank * nbytes : (rank + 1) * nbytes])
+                    for rank in range(w)
+                ]
+                # zero, add every member's decoding in rank order, / W (fused for chunked codecs)
+                self.codec.decode_sum_(self.result[a:b], payloads, w if self.mean else 1)
         return True
 
     def _encode(self, a: int, b: int, seed: int) -> Payload:

@@ -8,7 +8,9 @@ A codec is a stateless, configured object:
 * ``name`` and a JSON-able ``config()``; ``spec()`` = {"name", "config"} lets two processes check
   they use the same codec, and ``codecs.from_spec`` rebuilds one;
 * ``empty_payload(shape, dtype)``: receive buffers of the right sizes (meta never depends on data);
-* ``decode_accumulate_(acc, payload)``: ``acc += decode(payload)`` (fused for quantisers).
+* ``decode_accumulate_(acc, payload)``: ``acc += decode(payload)`` (fused for quantisers);
+  ``decode_sum_(out, payloads, divisor)``: ``out = sum(decode(p)) / divisor`` (fused for
+  chunked sparse codecs).
 
 Inputs: any shape, float32/float16/bfloat16, contiguous or not, empty allowed. Non-finite
 inputs (inf/nan) raise ``ValueError`` unless the codec was built with
@@ -93,6 +95,18 @@ class Codec(abc.ABC):
             raise ValueError(f"{self.name}: acc has {acc.numel()} elements, payload {d.numel()}")
         acc.view(-1).add_(d.reshape(-1).to(acc.dtype))
         return acc
+
+    def decode_sum_(
+        self, out: torch.Tensor, payloads: Sequence[Payload], divisor: float = 1
+    ) -> torch.Tensor:
+        """out = (decode(p0) + decode(p1) + ...) / divisor: zero, accumulate every payload in
+        order, then divide (skipped when 1). Sparse codecs fuse it into one pass over out."""
+        out.zero_()
+        for payload in payloads:
+            self.decode_accumulate_(out, payload)
+        if divisor != 1:
+            out.div_(divisor)
+        return out
 
     def encode_feedback(
         self,

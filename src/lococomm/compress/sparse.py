@@ -125,13 +125,49 @@ class TopK(Codec):
         shape = payload.meta["shape"]
         values = payload.tensors[0]
         out = torch.zeros(numel_of(shape), dtype=torch.float32, device=values.device)
+        if self._chunked_kernel(out):
+            return self.decode_sum_(out, [payload]).view(shape)
         out[self.global_indices(payload)] = values
         return out.view(shape)
 
     def decode_accumulate_(self, acc: torch.Tensor, payload: Payload) -> torch.Tensor:
         self._check_payload(payload)
+        if self._chunked_kernel(acc):
+            n = acc.numel()
+            kc, kl = self._ks(n)
+            ops.chunked_sparse_sum(
+                acc.view(-1), [self._sparse_parts(payload)], self.chunk, kc, kl, accumulate=True
+            )
+            return acc
         acc.view(-1).index_add_(0, self.global_indices(payload), payload.tensors[0])
         return acc
+
+    def decode_sum_(
+        self, out: torch.Tensor, payloads: Sequence[Payload], divisor: float = 1
+    ) -> torch.Tensor:
+        """out = (sum of the payloads' decodings, in order) / divisor, fused for chunked
+        payloads (one pass over out); out is contiguous fp32."""
+        if not self._chunked_kernel(out) or not payloads:
+            return super().decode_sum_(out, payloads, divisor)
+        for p in payloads:
+            self._check_payload(p)
+        kc, kl = self._ks(out.numel())
+        parts = [self._sparse_parts(p) for p in payloads]
+        ops.chunked_sparse_sum(out.view(-1), parts, self.chunk, kc, kl, divisor=divisor)
+        return out
+
+    def _chunked_kernel(self, out: torch.Tensor) -> bool:
+        """Chunked payloads of a non-empty fp32 contiguous CPU tensor use the fused kernel."""
+        return (
+            self.chunk is not None
+            and out.numel() > 0
+            and out.dtype == torch.float32
+            and out.is_contiguous()
+            and out.device.type == "cpu"
+        )
+
+    def _sparse_parts(self, payload: Payload) -> tuple[torch.Tensor, ...]:
+        return (payload.tensors[0], payload.tensors[1])
 
     def empty_payload(self, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> Payload:
         k = self.kept(numel_of(shape))
@@ -235,52 +271,35 @@ class SparseLoCo(TopK):
 
     def _chunk_ids(self, n: int, device=None) -> torch.Tensor:
         """Chunk number of every kept entry."""
-        if n == 0:
-            return torch.zeros(0, dtype=torch.int64, device=device)
         kc, kl = self._ks(n)
-        nch = (n + self.chunk - 1) // self.chunk
-        counts = torch.full((nch,), kc, dtype=torch.int64)
-        counts[-1] = min(kl, n - (nch - 1) * self.chunk)
-        return torch.repeat_interleave(torch.arange(nch, dtype=torch.int64), counts).to(device)
+        return ops.reference.chunk_ids(n, self.chunk, kc, kl, device)
 
-    def _pack(self, values: torch.Tensor, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        dev = values.device
-        nch = (n + self.chunk - 1) // self.chunk if n else 0
-        ids = self._chunk_ids(n, dev)
-        mag = values.abs()
-        lo = torch.zeros(nch, device=dev).scatter_reduce(0, ids, mag, "amin", include_self=False)
-        hi = torch.zeros(nch, device=dev).scatter_reduce(0, ids, mag, "amax", include_self=False)
-        span = (hi - lo)[ids]
-        t = torch.where(span > 0, (mag - lo[ids]) / torch.where(span > 0, span, 1.0), 0.0)
-        if self.rounding == "stochastic":
-            u = (ops.rng_u32(seed, 0, values.numel()) >> 8).to(dev, torch.float32) * 2.0**-24
-            level = u < t
-        else:
-            level = t >= 0.5
-        code = (values < 0).to(torch.int64) | (level.to(torch.int64) << 1)
-        pad = torch.zeros(-code.numel() % 4, dtype=torch.int64, device=dev)
-        quads = torch.cat([code, pad]).view(-1, 4) << torch.tensor([0, 2, 4, 6], device=dev)
-        return quads.sum(1).to(torch.uint8), torch.stack([lo, hi], 1).reshape(-1)
+    def _encode_parts(self, tensor, seed, state=None, state_out=None):
+        self._check_input(tensor)
+        n = tensor.numel()
+        if n == 0:
+            empty = torch.zeros(0, dtype=torch.float32)
+            parts = (torch.zeros(0, dtype=torch.uint8), torch.zeros(0, dtype=torch.int16), empty)
+            return parts, state_out
+        kc, kl = self._ks(n)
+        codes, indices, scales, s_out, bad = ops.sparseloco_encode(
+            tensor.detach(), self.chunk, kc, kl, stochastic=self.rounding == "stochastic",
+            seed=seed, state=state, state_out=state_out,
+        )  # fmt: skip
+        if bad:
+            raise ValueError(f"{self.name}.encode: input contains {bad} inf/nan value(s)")
+        return (codes, indices, scales), s_out
 
     def _values(self, payload: Payload) -> torch.Tensor:
-        codes, idx, scales = payload.tensors
+        codes, _, scales = payload.tensors
         n = numel_of(payload.meta["shape"])
-        k = idx.numel()
-        shifts = torch.tensor([0, 2, 4, 6], device=codes.device)
-        c = (codes.to(torch.int64).view(-1, 1) >> shifts).reshape(-1)[:k] & 3
-        ids = self._chunk_ids(n, codes.device)
-        lo, hi = scales.view(-1, 2)[:, 0][ids], scales.view(-1, 2)[:, 1][ids]
-        mag = torch.where((c & 2) > 0, hi, lo)
-        return torch.where((c & 1) > 0, -mag, mag)
-
-    def _payload(self, tensor: torch.Tensor, values, indices, seed: int) -> Payload:
-        codes, scales = self._pack(values, tensor.numel(), seed)
-        meta = self._shape_meta(tensor.shape, tensor.dtype)
-        return Payload.make(self.name, meta, [codes, indices, scales])
+        kc, kl = self._ks(n)
+        return ops.reference.sparseloco_values(codes, scales, n, self.chunk, kc, kl)
 
     def encode(self, tensor: torch.Tensor, seed: int = 0) -> Payload:
-        values, indices, _ = self._select(tensor)
-        return self._payload(tensor, values, indices, seed)
+        parts, _ = self._encode_parts(tensor, seed)
+        meta = self._shape_meta(tensor.shape, tensor.dtype)
+        return Payload.make(self.name, meta, list(parts))
 
     def encode_feedback(
         self,
@@ -292,21 +311,33 @@ class SparseLoCo(TopK):
         state_out: torch.Tensor | None = None,
         warm: torch.Tensor | None = None,
     ) -> tuple[Payload, torch.Tensor]:
-        # the residual must include the 2-bit quantisation error: generic path
-        return Codec.encode_feedback(self, tensor, state, seed, mode=mode, state_out=state_out)
+        """Classic EF in one fused pass: the residual includes the 2-bit quantisation error."""
+        if mode != "ef":
+            return Codec.encode_feedback(self, tensor, state, seed, mode=mode, state_out=state_out)
+        parts, s_out = self._encode_parts(tensor, seed, state, state_out)
+        if s_out is None:  # empty tensor
+            s_out = state_out if state_out is not None else state.clone()
+        meta = self._shape_meta(tensor.shape, tensor.dtype)
+        return Payload.make(self.name, meta, list(parts)), s_out
 
     def decode(self, payload: Payload) -> torch.Tensor:
         self._check_payload(payload)
         shape = payload.meta["shape"]
-        values = self._values(payload)
-        out = torch.zeros(numel_of(shape), dtype=torch.float32, device=values.device)
-        out[self.global_indices(payload)] = values
+        out = torch.zeros(numel_of(shape), dtype=torch.float32, device=payload.tensors[0].device)
+        if self._chunked_kernel(out):
+            return self.decode_sum_(out, [payload]).view(shape)
+        out[self.global_indices(payload)] = self._values(payload)
         return out.view(shape)
 
     def decode_accumulate_(self, acc: torch.Tensor, payload: Payload) -> torch.Tensor:
         self._check_payload(payload)
+        if self._chunked_kernel(acc):
+            return super().decode_accumulate_(acc, payload)
         acc.view(-1).index_add_(0, self.global_indices(payload), self._values(payload))
         return acc
+
+    def _sparse_parts(self, payload: Payload) -> tuple[torch.Tensor, ...]:
+        return tuple(payload.tensors)
 
     def empty_payload(self, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> Payload:
         n = numel_of(shape)

@@ -9,6 +9,8 @@ quantize(mode="ef21")      ... fused with EF21: p = x - h, h' = h + D(Q(p))     
 dequantize                 code * scale                                                yes
 dequantize_accumulate_     acc += code * scale (ring reduce-scatter hop)               yes
 topk / topk_chunked        exact top-|p| (ties -> lower index) + EF residual          no
+sparseloco_encode          chunked top-k + 2-bit values (sign, lo/hi level) + EF        no
+chunked_sparse_sum         sum of chunked TopK/SparseLoCo payloads, / divisor          no
 nesterov_outer_            DiLoCo SGD-Nesterov step fused with the pseudo-gradient    no
 pseudo_gradient            snapshot - local                                            no
 rng_u32                    the counter-based RNG (seed, index) -> uint32               --
@@ -26,12 +28,14 @@ from .kernels import (
     FLOAT_DTYPES,
     backend,
     chunked_counts,
+    chunked_sparse_sum,
     dequantize,
     dequantize_accumulate_,
     nesterov_outer_,
     pseudo_gradient,
     quantize,
     rng_u32,
+    sparseloco_encode,
     topk,
     topk_chunked,
 )
@@ -41,6 +45,7 @@ __all__ = [
     "FLOAT_DTYPES",
     "backend",
     "chunked_counts",
+    "chunked_sparse_sum",
     "dequantize",
     "dequantize_accumulate_",
     "k_of",
@@ -51,6 +56,7 @@ __all__ = [
     "quantize",
     "rng_keys",
     "rng_u32",
+    "sparseloco_encode",
     "topk",
     "topk_chunked",
 ]

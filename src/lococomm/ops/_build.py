@@ -35,7 +35,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 CPU_SOURCES = ("bindings.cpp", "quantize.cpp", "topk.cpp", "outer.cpp")
 CUDA_SOURCES = ("cuda_bindings.cpp", "cuda/quantize.cu")
 HEADERS = ("common.h", "kernels.h")
@@ -165,12 +165,17 @@ def _jit(kind: str) -> ModuleType:
     name = f"lococomm_{kind}_{tag}"
     build = cache_root() / f"{kind}-{tag}"
     so = build / f"{name}.so"
-    if so.is_file():
+    # The linker writes the .so in place, so its mere existence does not mean it is complete:
+    # a marker, written (atomically) by the builder after a successful build and import, does.
+    done = build / f"{name}.ok"
+    if done.is_file() and so.is_file():
         return _import_so(name, so)
     build.mkdir(parents=True, exist_ok=True)
     with _file_lock(build / ".lococomm-build.lock"):
-        if so.is_file():  # another process finished the build while we waited
-            return _import_so(name, so)
+        if so.is_file():  # built by another process (it released the lock: complete)
+            mod = _import_so(name, so)
+            _mark_done(done)
+            return mod
         # We hold the exclusive lock: a leftover torch baton is from a builder that died.
         (build / "lock").unlink(missing_ok=True)
         log.info("lococomm: compiling %s kernels into %s (once per machine)", kind, build)
@@ -190,7 +195,15 @@ def _jit(kind: str) -> ModuleType:
                 cpp_extension.load(
                     **kwargs, extra_cflags=["-O3"], extra_cuda_cflags=list(CUDA_CFLAGS)
                 )
-    return _import_so(name, so)
+        mod = _import_so(name, so)
+        _mark_done(done)
+    return mod
+
+
+def _mark_done(path: Path) -> None:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("ok\n")
+    os.replace(tmp, path)
 
 
 def _load(kind: str) -> ModuleType | None:

@@ -268,6 +268,92 @@ def topk_chunked(
     return values, indices, state_out, 0
 
 
+def _check_chunking(chunk: int, k_chunk: int, k_last: int) -> None:
+    if not 1 <= chunk <= 65536:
+        raise ValueError(f"chunk must be in [1, 65536] (16-bit offsets), got {chunk}")
+    if not 1 <= k_chunk <= chunk or k_last < 1:
+        raise ValueError("need 1 <= k_chunk <= chunk and k_last >= 1")
+
+
+def sparseloco_encode(
+    x: torch.Tensor,
+    chunk: int,
+    k_chunk: int,
+    k_last: int,
+    *,
+    stochastic: bool = False,
+    seed: int = 0,
+    state: torch.Tensor | None = None,
+    state_out: torch.Tensor | None = None,
+    impl: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
+    """SparseLoCo encoding: chunked top-k of p = x (+ state), kept values in 2 bits.
+
+    Returns ``(codes, offsets, scales, state_out, nonfinite)``: codes packed 4 per byte
+    (bit 0 sign, bit 1 level), offsets uint16 bit patterns in int16 (as topk_chunked), scales
+    (lo, hi) per chunk; with a state (classic EF) state_out = p - D(C(p)). Stochastic rounding
+    draws the number of kept entry i from (seed, i). See reference.sparseloco_encode.
+    """
+    flat, n, state_out = _prep_sparse(x, state, state_out)
+    _check_chunking(chunk, k_chunk, k_last)
+    keys = ref.rng_keys(seed) if stochastic else (0, 0)
+    which = _impl_for(flat, impl, cuda_ok=False)
+    if which == "torch":
+        codes, idx, scales, s_new, bad = ref.sparseloco_encode(
+            flat, chunk, k_chunk, k_last, stochastic=stochastic, keys=keys, state=state
+        )
+        if state is not None:
+            state_out.view(-1).copy_(s_new)
+        return codes, idx, scales, state_out, bad
+    total = chunked_counts(n, chunk, k_chunk, k_last)
+    nch = (n + chunk - 1) // chunk
+    codes = torch.empty((total + 3) // 4, dtype=torch.uint8)
+    indices = torch.empty(total, dtype=torch.int16)
+    scales = torch.empty(2 * nch, dtype=torch.float32)
+    bad = _build.get("cpu").sparseloco_encode(
+        flat.contiguous(), state, state_out, chunk, k_chunk, k_last, stochastic, keys[0],
+        keys[1], codes, indices, scales,
+    )  # fmt: skip
+    if bad:
+        return codes[:0], indices[:0], scales[:0], state_out, int(bad)
+    return codes, indices, scales, state_out, 0
+
+
+def chunked_sparse_sum(
+    out: torch.Tensor,
+    payloads: list[tuple[torch.Tensor, ...]],
+    chunk: int,
+    k_chunk: int,
+    k_last: int,
+    *,
+    accumulate: bool = False,
+    divisor: float = 1,
+    impl: str | None = None,
+) -> torch.Tensor:
+    """out = (0, or out if accumulate) + the decoded entries of every payload in order, then
+    divided by `divisor` (unless 1). A payload is (values, offsets) of a chunked TopK or
+    (codes, offsets, scales) of SparseLoCo; all of one kind. out: contiguous fp32."""
+    n = out.numel()
+    _check_state(out, n, out.device, "out")
+    _check_chunking(chunk, k_chunk, k_last)
+    if len({len(p) for p in payloads}) > 1 or any(len(p) not in (2, 3) for p in payloads):
+        raise ValueError("payloads must all be (values, offsets) or all (codes, offsets, scales)")
+    which = _impl_for(out, impl, cuda_ok=False)
+    if which == "torch":
+        return ref.chunked_sparse_sum(
+            out, payloads, chunk, k_chunk, k_last, accumulate=accumulate, divisor=divisor
+        )
+    sparseloco = bool(payloads) and len(payloads[0]) == 3
+    values = [] if sparseloco else [p[0].contiguous() for p in payloads]
+    codes = [p[0].contiguous() for p in payloads] if sparseloco else []
+    scales = [p[2].contiguous() for p in payloads] if sparseloco else []
+    offsets = [p[1].contiguous() for p in payloads]
+    _build.get("cpu").chunked_sparse_sum(
+        out, values, codes, scales, offsets, chunk, k_chunk, k_last, accumulate, float(divisor)
+    )
+    return out
+
+
 def nesterov_outer_(
     snapshot: torch.Tensor,
     momentum: torch.Tensor,

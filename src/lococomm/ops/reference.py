@@ -282,6 +282,108 @@ def topk_chunked_select(
     return p[idx], local16, s_out, 0
 
 
+def chunk_ids(n: int, chunk: int, k_chunk: int, k_last: int, device=None) -> torch.Tensor:
+    """Chunk number of every entry a chunked top-k keeps (int64)."""
+    if n == 0:
+        return torch.zeros(0, dtype=torch.int64, device=device)
+    nch = (n + chunk - 1) // chunk
+    counts = torch.full((nch,), k_chunk, dtype=torch.int64)
+    counts[-1] = min(k_last, n - (nch - 1) * chunk)
+    return torch.repeat_interleave(torch.arange(nch, dtype=torch.int64), counts).to(device)
+
+
+def sparseloco_encode(
+    x: torch.Tensor,
+    chunk: int,
+    k_chunk: int,
+    k_last: int,
+    *,
+    stochastic: bool = False,
+    keys: tuple[int, int] = (0, 0),
+    state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
+    """Chunked top-k of p = x (+ state), each kept value in 2 bits.
+
+    Per chunk lo = min |v| and hi = max |v| of the kept entries; per entry bit 0 = (v < 0),
+    bit 1 = level hi: t = (|v| - lo) / (hi - lo) (0 if hi == lo), nearest t >= 0.5 or
+    stochastic u < t with u from the stream of `keys` at the entry's position in the payload.
+    Codes packed 4 per byte, little end first. Returns (codes uint8, offsets int16, scales
+    fp32 [lo0, hi0, lo1, ...], s_out = p - D(C(p)) with a state, nonfinite).
+    """
+    values, idx16, s_out, bad = topk_chunked_select(x, chunk, k_chunk, k_last, state=state)
+    n = x.numel()
+    nch = (n + chunk - 1) // chunk if n else 0
+    if bad or n == 0:
+        empty = torch.zeros(0, dtype=torch.uint8)
+        return empty, idx16, torch.zeros(2 * nch if not bad else 0), s_out, bad
+    ids = chunk_ids(n, chunk, k_chunk, k_last)
+    mag = values.abs()
+    lo = torch.zeros(nch).scatter_reduce(0, ids, mag, "amin", include_self=False)
+    hi = torch.zeros(nch).scatter_reduce(0, ids, mag, "amax", include_self=False)
+    span = (hi - lo)[ids]
+    t = torch.where(span > 0, (mag - lo[ids]) / torch.where(span > 0, span, 1.0), 0.0)
+    if stochastic:
+        u = (rng_u32(keys, 0, values.numel()) >> 8).to(torch.float32) * 2.0**-24
+        level = u < t
+    else:
+        level = t >= 0.5
+    neg = values < 0
+    code = neg.to(torch.int64) | (level.to(torch.int64) << 1)
+    pad = torch.zeros(-code.numel() % 4, dtype=torch.int64)
+    quads = torch.cat([code, pad]).view(-1, 4) << torch.tensor([0, 2, 4, 6])
+    codes = quads.sum(1).to(torch.uint8)
+    if s_out is not None:
+        dec = torch.where(level, hi[ids], lo[ids])
+        dec = torch.where(neg, -dec, dec)
+        gidx = ids * chunk + (idx16.to(torch.int64) & 0xFFFF)
+        s_out[gidx] = values - dec
+    return codes, idx16, torch.stack([lo, hi], 1).reshape(-1), s_out, 0
+
+
+def sparseloco_values(
+    codes: torch.Tensor, scales: torch.Tensor, n: int, chunk: int, k_chunk: int, k_last: int
+) -> torch.Tensor:
+    """The fp32 values a SparseLoCo payload decodes to, in payload order."""
+    ids = chunk_ids(n, chunk, k_chunk, k_last, codes.device)
+    k = ids.numel()
+    shifts = torch.tensor([0, 2, 4, 6], device=codes.device)
+    c = (codes.to(torch.int64).view(-1, 1) >> shifts).reshape(-1)[:k] & 3
+    lo, hi = scales.view(-1, 2)[:, 0][ids], scales.view(-1, 2)[:, 1][ids]
+    mag = torch.where((c & 2) > 0, hi, lo)
+    return torch.where((c & 1) > 0, -mag, mag)
+
+
+def chunked_sparse_sum(
+    out: torch.Tensor,
+    payloads: list[tuple[torch.Tensor, ...]],
+    chunk: int,
+    k_chunk: int,
+    k_last: int,
+    *,
+    accumulate: bool = False,
+    divisor: float = 1,
+) -> torch.Tensor:
+    """out = (0 or out) + every payload's decoded entries in order, then / divisor (if != 1).
+
+    A payload is (values, offsets) for TopK or (codes, offsets, scales) for SparseLoCo.
+    """
+    flat = out.view(-1)
+    n = flat.numel()
+    if not accumulate:
+        flat.zero_()
+    ids = chunk_ids(n, chunk, k_chunk, k_last, flat.device)
+    for pl in payloads:
+        if len(pl) == 2:
+            values, offsets = pl
+        else:
+            codes, offsets, scales = pl
+            values = sparseloco_values(codes, scales, n, chunk, k_chunk, k_last)
+        flat.index_add_(0, ids * chunk + (offsets.to(torch.int64) & 0xFFFF), values)
+    if divisor != 1:
+        flat.div_(divisor)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # DiLoCo outer step
 # ---------------------------------------------------------------------------------------------
