@@ -33,6 +33,7 @@ bench: setup
 	$(PY) benchmarks/ft_allreduce.py
 	$(PY) benchmarks/heal.py
 	$(PY) benchmarks/compressed_allreduce.py
+	$(PY) benchmarks/overlap.py
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -1,5 +1,7 @@
 """lococomm: fault-tolerant, compressed, low-communication collectives for PyTorch training."""
 
+from lococomm.algorithms.data_parallel import DataParallel
+from lococomm.algorithms.optimizer import Optimizer
 from lococomm.collectives.communicator import Handle
 from lococomm.compress import codecs
 from lococomm.ft.manager import Manager, StepMetrics, StepRetriesExhausted
@@ -11,9 +13,11 @@ __all__ = [
     "AuthenticationError",
     "Coordinator",
     "CoordinatorUnavailable",
+    "DataParallel",
     "Handle",
     "codecs",
     "Manager",
+    "Optimizer",
     "StepMetrics",
     "StepRetriesExhausted",
     "TorchRNG",

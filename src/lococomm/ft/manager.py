@@ -160,6 +160,7 @@ class Manager:
         self._signatures: list[str] = []
         self._signature_hash = hashlib.blake2b(digest_size=16)
         self._pending: list[Handle] = []
+        self._finalizers: list[Any] = []
         self._report: dict[str, Any] = {}
         self._digest_paths: list[str] = []
         self._closed = False
@@ -301,15 +302,41 @@ class Manager:
         self._signatures = []
         self._signature_hash = hashlib.blake2b(digest_size=16)
         self._pending = []
+        self._finalizers = []
 
     def commit(self) -> bool:
         """Vote on the step; True only if every member completed it (then apply the update).
 
         On False nothing may be applied; the next start_step() re-forms the group and the same
-        batch can be retried.
+        batch can be retried. Waits first for every async collective of the step (including
+        handles passed to `track`), and afterwards finishes the step's error-feedback
+        transactions and runs the callbacks registered with `on_step_end`.
         """
         if not self._in_step:
             raise RuntimeError("commit() called without start_step()")
+        finalizers, self._finalizers = self._finalizers, []
+        committed = False
+        try:
+            committed = self._vote_and_decide()
+        finally:
+            for finalize in finalizers:
+                finalize(committed)
+        return committed
+
+    def track(self, handle: Handle) -> None:
+        """Make commit() wait for an asynchronous operation started outside the manager's
+        collectives (e.g. by an algorithm on `manager.communicator`)."""
+        if not self._in_step:
+            raise RuntimeError("track() called outside a step")
+        self._pending.append(handle)
+
+    def on_step_end(self, callback: Any) -> None:
+        """Run `callback(committed: bool)` once, when this step's commit() is decided."""
+        if not self._in_step:
+            raise RuntimeError("on_step_end() called outside a step")
+        self._finalizers.append(callback)
+
+    def _vote_and_decide(self) -> bool:
         for handle in self._pending:
             handle.wait()
         self._pending = []
@@ -405,8 +432,9 @@ class Manager:
 
         codec (e.g. lc.codecs.Int8()) compresses on the wire ("sum"/"mean" only; see
         docs/compressed_collectives.md); error_feedback (ErrorFeedback/EF21/EControl on the same
-        codec) keeps state under the key `name`: finish it with ef.commit() when commit()
-        returns True, ef.rollback() otherwise. Compressed calls run on the calling thread.
+        codec) keeps state under the key `name`; commit() makes the staged state current if the
+        step commits and rolls it back otherwise (calling ef.commit()/ef.rollback() yourself
+        afterwards is harmless). Compressed calls run on the calling thread.
         """
         comm = self._comm_for("allreduce")
         if codec is None and error_feedback is None:
@@ -415,6 +443,12 @@ class Manager:
         ctx = self._ctx
         assert ctx is not None
         prefix = ctx.info.store_prefix
+        if error_feedback is not None:
+            # The EF state the call stages becomes current only if the step commits.
+            key = name or f"allreduce#{len(self._signatures)}"
+            self._finalizers.append(
+                lambda ok, ef=error_feedback, key=key: ef.commit(key) if ok else ef.rollback(key)
+            )
         handle = self._guard(
             lambda: compressed.allreduce(
                 comm, tensor, op, codec, error_feedback, name=name, verify=verify,
