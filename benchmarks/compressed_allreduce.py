@@ -14,7 +14,11 @@ tensor on the epoch's process group, in the same run; every codec goes through
 `manager.allreduce(t, op="mean", codec=...)`. Each timed call is preceded by a tiny exact
 all-reduce (a barrier) in the same step; the reported time of a repetition is the slowest
 member's, and the case's time is the best repetition (after one warm-up call; the median is
-reported too): other processes on a shared machine can only add time.
+reported too): other processes on a shared machine can only add time. Repetitions go
+round-robin over the cases (rep 1 of every case, then rep 2, ...), so load from other processes
+is spread over all cases alike; `cpu_seconds_median` is the CPU time of the call summed over the
+process's threads (gloo's included), median over repetitions, largest member: a measure of
+work that waiting on a busy machine does not inflate.
 """
 
 from __future__ import annotations
@@ -111,20 +115,26 @@ def worker(args: argparse.Namespace) -> None:
     base = torch.randn(side, args.numel // side, generator=gen)
     out = open(args.out, "a", buffering=1)
     barrier = torch.zeros(1)
+    cases = []
     for label, spec, use_ef in json.loads(args.cases):
         codec = from_spec(spec) if spec else None
-        ef = ErrorFeedback(codec) if use_ef else None
-        for rep in range(1 + args.reps):
+        cases.append((label, codec, ErrorFeedback(codec) if use_ef else None))
+    # Repetitions go round-robin over the cases, so a burst of load from other processes on
+    # the machine hits every case alike instead of one case's whole series.
+    for rep in range(1 + args.reps):
+        for label, codec, ef in cases:
             t = base.clone()
             manager.start_step()
             manager.allreduce(barrier)
             started = time.perf_counter()
+            cpu_started = time.process_time()
             if codec is None:
                 manager.communicator.pg.allreduce([t]).wait()
                 ok = True
             else:
                 ok = manager.allreduce(t, op="mean", codec=codec, error_feedback=ef, name="bench")
             seconds = time.perf_counter() - started
+            cpu_seconds = time.process_time() - cpu_started  # every thread of this process
             committed = manager.commit()
             if ef is not None:
                 ef.commit() if committed else ef.rollback()
@@ -135,7 +145,8 @@ def worker(args: argparse.Namespace) -> None:
                 payload_bits = 8 * codec.wire_bytes(payload) / base.numel()
             row = {
                 "case": label, "rep": rep, "warmup": rep == 0, "seconds": seconds,
-                "ok": bool(ok and committed), "stats": stats, "payload_bits": payload_bits,
+                "cpu_seconds": cpu_seconds, "ok": bool(ok and committed), "stats": stats,
+                "payload_bits": payload_bits,
             }  # fmt: skip
             out.write(json.dumps(row) + "\n")
     manager.close()
@@ -200,10 +211,12 @@ def summarise(link, world, numel, cases, per_worker) -> list[dict]:
         first = next(r for r in per_worker[0] if r["case"] == label and r["warmup"])
         seconds = min(slowest)  # best of N: other processes on a shared machine only add time
         stats = [r["stats"] for r in mine if r["stats"]]
+        cpu = [statistics.median(r["cpu_seconds"] for r in rs) for rs in reps if "cpu_seconds" in rs[0]]
         row = {
             "link": link, "link_gbps": LINKS[link], "world": world, "numel": numel,
             "case": label, "codec": spec["name"] if spec else "fp32-gloo", "ef": use_ef,
             "seconds": seconds, "median_seconds": statistics.median(slowest), "seconds_reps": slowest,
+            "cpu_seconds_median": max(cpu) if cpu else None,
             "ok": all(r["ok"] for rs in reps for r in rs),
             "effective_GBps": 4 * numel / seconds / 1e9,
             "payload_bits_per_param": first["payload_bits"] if spec else 32.0,
@@ -264,15 +277,16 @@ def break_even(rows: list[dict], world: int) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| link | W | case | algorithm | bits/param | s | x fp32 | GB/s eff. | encode / comm / decode s |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| link | W | case | algorithm | bits/param | s | x fp32 | GB/s eff. | encode / comm / decode s | CPU s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         split = (f"{r['encode_seconds']:.3f} / {r['communicate_seconds']:.3f} / {r['decode_seconds']:.3f}"
                  if "encode_seconds" in r else "")  # fmt: skip
+        cpu = f"{r['cpu_seconds_median']:.3f}" if r.get("cpu_seconds_median") is not None else ""
         lines.append(
             f"| {r['link']} | {r['world']} | {r['case']} | {r['algorithm']} | "
             f"{r['payload_bits_per_param']:.3f} | {r['seconds']:.3f} | {r['speedup_vs_fp32']:.2f} | "
-            f"{r['effective_GBps']:.2f} | {split} |"
+            f"{r['effective_GBps']:.2f} | {split} | {cpu} |"
         )
     lines += ["", "| W | case | compute s (fit) | wire s at 1 Gbit/s (fit) | fp32 wire s | break-even link |",
               "|---|---|---|---|---|---|"]  # fmt: skip

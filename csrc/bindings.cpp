@@ -107,6 +107,48 @@ void dequantize(const at::Tensor& codes, const at::Tensor& scales, at::Tensor& o
   lococomm::dequantize_blocks(c, sc, o, n, static_cast<int>(bits), block, accumulate, nt);
 }
 
+int wire_kind(const at::Tensor& wire) {
+  switch (wire.scalar_type()) {
+    case at::kFloat:
+      return 0;
+    case at::kBFloat16:
+      return 1;
+    case at::kHalf:
+      return 2;
+    default:
+      TORCH_CHECK(false, "wire must be float32, bfloat16 or float16, got ", wire.scalar_type());
+  }
+}
+
+int64_t cast_encode(const at::Tensor& x, const std::optional<at::Tensor>& state,
+                    const std::optional<at::Tensor>& err, at::Tensor& wire) {
+  const int64_t n = x.numel();
+  check_cpu(wire, "wire");
+  TORCH_CHECK(wire.numel() == n, "wire must have ", n, " elements");
+  const int kind = wire_kind(wire);
+  const float* s = opt_ptr(state, "state", n);
+  float* e = opt_mut_ptr(err, "err", n);
+  void* w = wire.data_ptr();
+  const int nt = at::get_num_threads();
+  return with_input(x, [&](auto* xp) {
+    pybind11::gil_scoped_release nogil;
+    return lococomm::cast_encode(xp, s, e, w, kind, n, nt);
+  });
+}
+
+void cast_decode(const at::Tensor& wire, at::Tensor& out, double divisor) {
+  const int64_t n = out.numel();
+  check_f32(out, "out", n);
+  check_cpu(wire, "wire");
+  TORCH_CHECK(wire.numel() == n, "wire must have ", n, " elements");
+  const int kind = wire_kind(wire);
+  const void* w = wire.data_ptr();
+  float* o = out.data_ptr<float>();
+  const int nt = at::get_num_threads();
+  pybind11::gil_scoped_release nogil;
+  lococomm::cast_decode(w, kind, o, n, static_cast<float>(divisor), nt);
+}
+
 int64_t topk_global(const at::Tensor& x, const std::optional<at::Tensor>& state,
                     const std::optional<at::Tensor>& state_out, int64_t k, at::Tensor& values,
                     at::Tensor& indices) {
@@ -278,6 +320,21 @@ void pseudo_gradient(const at::Tensor& snapshot, const at::Tensor& local, at::Te
   });
 }
 
+void lowrank_product(const at::Tensor& p, const at::Tensor& q, at::Tensor& out) {
+  TORCH_CHECK(p.dim() == 2 && q.dim() == 2 && p.size(1) == q.size(1), "p: m x r, q: n x r");
+  const int64_t m = p.size(0), n = q.size(0), r = p.size(1);
+  TORCH_CHECK(r >= 1, "rank must be >= 1");
+  check_f32(p, "p", m * r);
+  check_f32(q, "q", n * r);
+  check_f32(out, "out", m * n);
+  const float* pp = p.data_ptr<float>();
+  const float* qp = q.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  const int nt = at::get_num_threads();
+  pybind11::gil_scoped_release nogil;
+  lococomm::lowrank_product(pp, qp, o, m, n, r, nt);
+}
+
 at::Tensor rng(int64_t k0, int64_t k1, int64_t offset, int64_t n) {
   TORCH_CHECK(n >= 0, "n must be >= 0");
   at::Tensor out = at::empty({n}, at::kLong);
@@ -294,11 +351,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("ABI_VERSION") = 3;
   m.def("quantize", &quantize, "block-absmax quantise (+ EF state update)");
   m.def("dequantize", &dequantize, "block dequantise (optionally += into out)");
+  m.def("cast_encode", &cast_encode, "p = x (+ state) cast to the wire dtype (+ error)");
+  m.def("cast_decode", &cast_decode, "out = float(wire) / divisor");
   m.def("topk_global", &topk_global, "exact top-k by magnitude (+ EF residual)");
   m.def("topk_chunked", &topk_chunked, "per-chunk exact top-k (+ EF residual)");
   m.def("sparseloco_encode", &sparseloco_encode, "chunked top-k + 2-bit values (+ EF residual)");
   m.def("chunked_sparse_sum", &chunked_sparse_sum, "sum of chunked sparse payloads (/ divisor)");
   m.def("nesterov_outer", &nesterov_outer, "fused DiLoCo SGD-Nesterov outer step");
   m.def("pseudo_gradient", &pseudo_gradient, "out = snapshot - local");
+  m.def("lowrank_product", &lowrank_product, "out = P Q^T, fixed-order outer products");
   m.def("rng", &rng, "counter-based RNG words (tests)");
 }

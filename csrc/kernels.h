@@ -40,6 +40,17 @@ int64_t quantize_blocks(const T* x, const float* state, float* state_out, int64_
 void dequantize_blocks(const uint8_t* codes, const float* scales, float* out, int64_t n, int bits,
                        int64_t block, bool accumulate, int nthreads);
 
+// Casts (the wire of Identity = fp32 and of the cast codecs): p = x (+ state); wire = p rounded
+// to the wire type (wire_kind 0 fp32, 1 bf16, 2 fp16; nearest even, bf16 NaN -> 0x7fc0); with
+// err: err = p - float(wire) (canonical NaN where p is inf/nan). Returns the number of
+// non-finite wire values (inf/nan in p, or an overflow of the cast).
+template <typename T>
+int64_t cast_encode(const T* x, const float* state, float* err, void* wire, int wire_kind,
+                    int64_t n, int nthreads);
+// out = float(wire) / divisor (no division when divisor == 1).
+void cast_decode(const void* wire, int wire_kind, float* out, int64_t n, float divisor,
+                 int nthreads);
+
 // Exact top-k by magnitude with ties broken towards the lower index; indices ascending.
 // With state (classic EF): p = x + s, s_out = p with the selected entries zeroed.
 // Returns the number of non-finite entries of p (then nothing is selected).
@@ -91,6 +102,11 @@ void nesterov_outer(float* snapshot, float* momentum, const float* delta, T* loc
 // out = snapshot - local (the pseudo-gradient of DiLoCo), fp32.
 template <typename T>
 void pseudo_gradient(const float* snapshot, const T* local, float* out, int64_t n, int nthreads);
+
+// PowerSGD decode: out (m x n, row-major) = sum over k in order of outer(p[:, k], q[:, k]) with
+// p m x r and q n x r row-major: out = p0 q0, then out = out + pk qk (no FMA).
+void lowrank_product(const float* p, const float* q, float* out, int64_t m, int64_t n, int64_t r,
+                     int nthreads);
 
 // n random words of the counter-based RNG starting at index `offset` (for tests).
 void rng_fill(uint32_t k0, uint32_t k1, uint64_t offset, int64_t n, int64_t* out);

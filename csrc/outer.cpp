@@ -1,12 +1,19 @@
 // DiLoCo outer-step kernels: the pseudo-gradient (snapshot - local) and the SGD-Nesterov outer
 // update fused with the pseudo-gradient (from a summed pseudo-gradient, or straight from the
 // averaged parameters) and with the copy back into the local parameters. One read of each
-// input and one write of each output per element.
+// input and one write of each output per element. Also the PowerSGD decode P Q^T (fixed-order
+// sum of outer products).
 // Reference: ops/reference.py nesterov_outer_ / pseudo_gradient.
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 
 #include "kernels.h"
 
@@ -46,6 +53,50 @@ void pseudo_gradient(const float* snapshot, const T* local, float* out, int64_t 
   const int nt = n >= kParallelGrain ? std::max(1, nthreads) : 1;
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
   for (int64_t i = 0; i < n; ++i) out[i] = snapshot[i] - static_cast<float>(local[i]);
+}
+
+// PowerSGD decode: out (m x n) = P Q^T as a fixed-order sum of outer products,
+//   out[i][j] = (((p[i][0] q[j][0]) + p[i][1] q[j][1]) + ...)   (one rounding per mul and add)
+// Q is transposed once (r x n, in cache); each row of out is built in an L1 scratch, r passes,
+// then written once (streaming stores when aligned and large: no read of the output).
+void lowrank_product(const float* p, const float* q, float* out, int64_t m, int64_t n, int64_t r,
+                     int nthreads) {
+  if (m == 0 || n == 0) return;
+  std::vector<float> qt(static_cast<size_t>(r * n));
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t k = 0; k < r; ++k) qt[k * n + j] = q[j * r + k];
+  const int nt = m * n >= kParallelGrain ? std::max(1, nthreads) : 1;
+  const bool stream = n % 16 == 0 && reinterpret_cast<uintptr_t>(out) % 64 == 0 &&
+                      m * n * 4 >= (int64_t{8} << 20);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    std::vector<float> row(static_cast<size_t>(n));
+    float* acc = row.data();
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < m; ++i) {
+      const float* pi = p + i * r;
+      float* o = stream ? acc : out + i * n;
+      const float p0 = pi[0];
+      const float* q0 = qt.data();
+      for (int64_t j = 0; j < n; ++j) o[j] = p0 * q0[j];
+      for (int64_t k = 1; k < r; ++k) {
+        const float pk = pi[k];
+        const float* qk = qt.data() + k * n;
+        for (int64_t j = 0; j < n; ++j) o[j] = o[j] + pk * qk[j];
+      }
+      if (stream) {
+#if defined(__AVX512F__)
+        float* dst = out + i * n;
+        for (int64_t j = 0; j < n; j += 16) _mm512_stream_ps(dst + j, _mm512_loadu_ps(acc + j));
+#else
+        std::memcpy(out + i * n, acc, sizeof(float) * static_cast<size_t>(n));
+#endif
+      }
+    }
+  }
+#if defined(__AVX512F__)
+  if (stream) _mm_sfence();
+#endif
 }
 
 #define LOCOCOMM_INSTANTIATE_OUTER(T)                                                      \

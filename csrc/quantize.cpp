@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -83,7 +84,15 @@ inline void unpack_tile(const uint8_t* codes, int64_t first, int64_t len, int bi
     }
     if (len & 1) q[len - 1] = static_cast<int8_t>(static_cast<uint8_t>(src[full] << 4)) >> 4;
   } else {
-    for (int64_t i = 0; i < len; ++i) {
+    const int64_t full = len / 4;
+    for (int64_t g = 0; g < full; ++g) {
+      const uint8_t b = src[g];
+      q[4 * g] = static_cast<int8_t>(static_cast<uint8_t>(b << 6)) >> 6;
+      q[4 * g + 1] = static_cast<int8_t>(static_cast<uint8_t>(b << 4)) >> 6;
+      q[4 * g + 2] = static_cast<int8_t>(static_cast<uint8_t>(b << 2)) >> 6;
+      q[4 * g + 3] = static_cast<int8_t>(b) >> 6;
+    }
+    for (int64_t i = 4 * full; i < len; ++i) {
       const uint8_t b = src[i >> 2];
       const int sh = 6 - 2 * static_cast<int>(i & 3);
       q[i] = static_cast<int8_t>(static_cast<uint8_t>(b << sh)) >> 6;
@@ -448,9 +457,41 @@ int64_t quantize_mode(const T* x, const float* s, float* s_out, int64_t n, uint8
   }
 }
 
-template <bool Acc>
-void dequantize_impl(const uint8_t* codes, const float* scales, float* out, int64_t n, int bits,
-                     int64_t B, int nthreads) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// 16 codes starting at a multiple of 16 elements, as int32 lanes: each lane gets its byte
+// (zero-extended), shifts its field to the top and back down arithmetically (sign extension).
+template <int Bits>
+inline __m512 unpack16(const uint8_t* src) {
+  __m512i q;
+  if constexpr (Bits == 8) {
+    q = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+  } else if constexpr (Bits == 4) {
+    const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src));
+    const __m512i w = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(b, b));  // b0 b0 b1 b1 ...
+    const __m512i shl = _mm512_setr_epi32(28, 24, 28, 24, 28, 24, 28, 24, 28, 24, 28, 24, 28,
+                                          24, 28, 24);
+    q = _mm512_srai_epi32(_mm512_sllv_epi32(w, shl), 28);
+  } else {
+    int32_t word;
+    std::memcpy(&word, src, 4);
+    const __m128i b = _mm_cvtsi32_si128(word);
+    const __m128i rep = _mm_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    const __m512i w = _mm512_cvtepu8_epi32(_mm_shuffle_epi8(b, rep));
+    const __m512i shl = _mm512_setr_epi32(30, 28, 26, 24, 30, 28, 26, 24, 30, 28, 26, 24, 30,
+                                          28, 26, 24);
+    q = _mm512_srai_epi32(_mm512_sllv_epi32(w, shl), 30);
+  }
+  return _mm512_cvtepi32_ps(q);
+}
+#endif
+
+// out = q * scale (or out + q * scale) per block: one mul (and one add) per element, as the
+// reference. AVX-512: 16 codes per step straight from the packed bytes; otherwise codes are
+// unpacked in tiles and the float loop is left to the auto-vectoriser.
+template <bool Acc, int Bits>
+void dequantize_impl(const uint8_t* codes, const float* scales, float* out, int64_t n, int64_t B,
+                     int nthreads) {
+  constexpr int per = 8 / Bits;
   const int64_t nblocks = (n + B - 1) / B;
   const int nt = n >= kParallelGrain ? std::max(1, nthreads) : 1;
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
@@ -458,20 +499,157 @@ void dequantize_impl(const uint8_t* codes, const float* scales, float* out, int6
     const int64_t start = b * B;
     const int64_t len = std::min(B, n - start);
     const float scale = scales[b];
+    float* o = out + start;
+    int64_t j = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    const uint8_t* cb = codes + start / per;
+    const __m512 sv = _mm512_set1_ps(scale);
+    for (; j + 16 <= len; j += 16) {
+      const __m512 d = _mm512_mul_ps(unpack16<Bits>(cb + j / per), sv);
+      if constexpr (Acc) {
+        _mm512_storeu_ps(o + j, _mm512_add_ps(_mm512_loadu_ps(o + j), d));
+      } else {
+        _mm512_storeu_ps(o + j, d);
+      }
+    }
+#endif
     int8_t q[kTile];
-    for (int64_t t = 0; t < len; t += kTile) {
+    for (int64_t t = j; t < len; t += kTile) {
       const int64_t tl = std::min(kTile, len - t);
-      unpack_tile(codes, start + t, tl, bits, q);
-      float* o = out + start + t;
+      unpack_tile(codes, start + t, tl, Bits, q);
+      float* ot = o + t;
       for (int64_t jj = 0; jj < tl; ++jj) {
         const float d = static_cast<float>(q[jj]) * scale;
         if constexpr (Acc) {
-          o[jj] = o[jj] + d;
+          ot[jj] = ot[jj] + d;
         } else {
-          o[jj] = d;
+          ot[jj] = d;
         }
       }
     }
+  }
+}
+
+template <bool Acc>
+void dequantize_bits(const uint8_t* codes, const float* scales, float* out, int64_t n, int bits,
+                     int64_t B, int nthreads) {
+  switch (bits) {
+    case 8:
+      return dequantize_impl<Acc, 8>(codes, scales, out, n, B, nthreads);
+    case 4:
+      return dequantize_impl<Acc, 4>(codes, scales, out, n, B, nthreads);
+    default:
+      return dequantize_impl<Acc, 2>(codes, scales, out, n, B, nthreads);
+  }
+}
+
+// ---- casts: the wire format of Identity (fp32) and BF16 summed natively by the transport ----
+// fp32 -> bf16 round to nearest even as c10::BFloat16, NaN -> 0x7fc0; 16 lanes at a time.
+inline void store_bf16(c10::BFloat16* w, vf p) {
+  typedef uint16_t vh __attribute__((vector_size(W * 2)));
+  vu u;
+  std::memcpy(&u, &p, sizeof(u));
+  vu r = (u + (((u >> 16) & 1u) + 0x7fffu)) >> 16;
+  const vi nan = p != p;
+  r = (vu)((vi)r & ~nan) | ((vu)nan & 0x7fc0u);
+  const vh h = __builtin_convertvector(r, vh);
+  std::memcpy(w, &h, sizeof(h));
+}
+inline void store_wire(float* w, vf p) { store_vec(w, p); }
+inline void store_wire(c10::BFloat16* w, vf p) { store_bf16(w, p); }
+inline c10::Half to_half(float p) {
+  c10::Half h = static_cast<c10::Half>(p);
+  if (std::isnan(p)) h.x = 0x7e00;
+  return h;
+}
+inline void store_wire(c10::Half* w, vf p) {
+  for (int l = 0; l < W; ++l) w[l] = to_half(p[l]);
+}
+inline float wire_float(float v) { return v; }
+inline float wire_float(c10::BFloat16 v) { return static_cast<float>(v); }
+inline float wire_float(c10::Half v) { return static_cast<float>(v); }
+inline float to_wire_scalar(float p, float*) { return p; }
+inline c10::BFloat16 to_wire_scalar(float p, c10::BFloat16*) {
+  uint32_t u;
+  std::memcpy(&u, &p, sizeof(u));
+  c10::BFloat16 b;
+  b.x = std::isnan(p) ? uint16_t{0x7fc0}
+                      : static_cast<uint16_t>((u + (((u >> 16) & 1u) + 0x7fffu)) >> 16);
+  return b;
+}
+inline c10::Half to_wire_scalar(float p, c10::Half*) { return to_half(p); }
+// err of a non-finite p: the canonical quiet NaN (its payload would depend on the instruction).
+constexpr uint32_t kCanonicalNaN = 0x7fc00000u;
+inline float canonical_nan() {
+  float f;
+  std::memcpy(&f, &kCanonicalNaN, sizeof(f));
+  return f;
+}
+
+template <typename T, typename Wt>
+int64_t cast_encode_impl(const T* x, const float* s, float* err, Wt* wire, int64_t n, int nthreads) {
+  const int nt = n >= kParallelGrain ? std::max(1, nthreads) : 1;
+  int64_t bad = 0;
+  const int64_t nv = n / W;
+#pragma omp parallel num_threads(nt) reduction(+ : bad) if (nt > 1)
+  {
+    vf nz = {};
+#pragma omp for schedule(static)
+    for (int64_t v = 0; v < nv; ++v) {
+      const int64_t i = v * W;
+      vf p = load_vec<T>(x + i);
+      if (s != nullptr) p += load_vec<float>(s + i);
+      store_wire(wire + i, p);
+      vf back;
+      if constexpr (std::is_same_v<Wt, float>) {
+        back = p;
+      } else {
+        back = load_vec<Wt>(wire + i);
+      }
+      if (err != nullptr) {
+        const vf z = p * 0.0f;  // NaN exactly where p is inf or nan
+        const vi bad_lane = z != z;
+        vf e = p - back;
+        e = (vf)(((vi)e & ~bad_lane) | (bad_lane & (vi)(vu{} + kCanonicalNaN)));
+        store_vec(err + i, e);
+      }
+      nz += back * 0.0f;  // NaN iff the wire holds inf/nan (bad input or overflow of the cast)
+    }
+    for (int l = 0; l < W; ++l) bad += nz[l] != 0.0f;  // some lane saw inf/nan: count below
+  }
+  for (int64_t i = nv * W; i < n; ++i) {
+    const float p = s != nullptr ? static_cast<float>(x[i]) + s[i] : static_cast<float>(x[i]);
+    wire[i] = to_wire_scalar(p, wire);
+    if (err != nullptr) err[i] = std::isfinite(p) ? p - wire_float(wire[i]) : canonical_nan();
+    bad += !std::isfinite(wire_float(wire[i]));
+  }
+  if (bad == 0) return 0;
+  bad = 0;  // exact count (rare path)
+  for (int64_t i = 0; i < n; ++i) bad += !std::isfinite(wire_float(wire[i]));
+  return bad;
+}
+
+template <typename Wt>
+void cast_decode_impl(const Wt* wire, float* out, int64_t n, float divisor, int nthreads) {
+  const int nt = n >= kParallelGrain ? std::max(1, nthreads) : 1;
+  const bool divide = divisor != 1.0f;
+  const int64_t nv = n / W;
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+  for (int64_t v = 0; v < nv; ++v) {
+    const int64_t i = v * W;
+    vf w = load_vec<Wt>(wire + i);
+    if (divide) w = w / divisor;
+    if constexpr (!std::is_same_v<Wt, float>) {  // 16-bit NaN -> the canonical fp32 NaN
+      const vi nan = w != w;
+      w = (vf)(((vi)w & ~nan) | (nan & (vi)(vu{} + kCanonicalNaN)));
+    }
+    store_vec(out + i, w);
+  }
+  for (int64_t i = nv * W; i < n; ++i) {
+    float w = wire_float(wire[i]);
+    w = divide ? w / divisor : w;
+    if (!std::is_same_v<Wt, float> && std::isnan(w)) w = canonical_nan();
+    out[i] = w;
   }
 }
 
@@ -493,9 +671,9 @@ int64_t quantize_blocks(const T* x, const float* state, float* state_out, int64_
 void dequantize_blocks(const uint8_t* codes, const float* scales, float* out, int64_t n, int bits,
                        int64_t block, bool accumulate, int nthreads) {
   if (accumulate) {
-    dequantize_impl<true>(codes, scales, out, n, bits, block, nthreads);
+    dequantize_bits<true>(codes, scales, out, n, bits, block, nthreads);
   } else {
-    dequantize_impl<false>(codes, scales, out, n, bits, block, nthreads);
+    dequantize_bits<false>(codes, scales, out, n, bits, block, nthreads);
   }
 }
 
@@ -513,5 +691,42 @@ LOCOCOMM_INSTANTIATE_QUANT(float)
 LOCOCOMM_INSTANTIATE_QUANT(c10::Half)
 LOCOCOMM_INSTANTIATE_QUANT(c10::BFloat16)
 #undef LOCOCOMM_INSTANTIATE_QUANT
+
+}  // namespace lococomm
+
+namespace lococomm {
+
+template <typename T>
+int64_t cast_encode(const T* x, const float* state, float* err, void* wire, int wire_kind,
+                    int64_t n, int nthreads) {
+  switch (wire_kind) {
+    case 0:
+      return cast_encode_impl<T, float>(x, state, err, static_cast<float*>(wire), n, nthreads);
+    case 1:
+      return cast_encode_impl<T, c10::BFloat16>(x, state, err,
+                                                static_cast<c10::BFloat16*>(wire), n, nthreads);
+    default:
+      return cast_encode_impl<T, c10::Half>(x, state, err, static_cast<c10::Half*>(wire), n,
+                                            nthreads);
+  }
+}
+
+void cast_decode(const void* wire, int wire_kind, float* out, int64_t n, float divisor,
+                 int nthreads) {
+  switch (wire_kind) {
+    case 0:
+      return cast_decode_impl(static_cast<const float*>(wire), out, n, divisor, nthreads);
+    case 1:
+      return cast_decode_impl(static_cast<const c10::BFloat16*>(wire), out, n, divisor, nthreads);
+    default:
+      return cast_decode_impl(static_cast<const c10::Half*>(wire), out, n, divisor, nthreads);
+  }
+}
+
+template int64_t cast_encode<float>(const float*, const float*, float*, void*, int, int64_t, int);
+template int64_t cast_encode<c10::Half>(const c10::Half*, const float*, float*, void*, int,
+                                        int64_t, int);
+template int64_t cast_encode<c10::BFloat16>(const c10::BFloat16*, const float*, float*, void*,
+                                            int, int64_t, int);
 
 }  // namespace lococomm

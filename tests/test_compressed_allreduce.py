@@ -28,7 +28,8 @@ CODECS = [
     {"name": "randk", "config": {"ratio": 0.1}},
     {"name": "powersgd", "config": {"rank": 4}},
 ]
-RING = {"identity", "fp16", "bf16", "fp8e4m3", "int8", "int4", "int2"}
+RING = {"identity", "fp16", "bf16", "fp8e4m3", "int8", "int4", "int2"}  # summable codecs
+NATIVE = {"identity", "bf16"}  # cast + gloo all-reduce of the wire dtype (native.py)
 PROJECTIONS = {"randk", "powersgd"}  # result = a projection of the exact mean: error <= |mean|
 
 
@@ -87,7 +88,9 @@ def test_every_codec_identical_on_every_member_and_within_its_error(workers, coo
             assert stats["bytes_sent"] > 0 and stats["bytes_received"] > 0
             total = stats["encode_seconds"] + stats["communicate_seconds"] + stats["decode_seconds"]
             assert total == pytest.approx(stats["total_seconds"], rel=1e-6, abs=1e-9)
-            if r["codec"] in RING:
+            if r["codec"] in NATIVE:
+                assert stats["algorithm"] == "native"
+            elif r["codec"] in RING:
                 assert stats["algorithm"] == "ring"
             if r["codec"] == "int8":
                 # ring: 2 (W-1)/W of the tensor at 8 bits + one fp32 scale per 256 values

@@ -85,6 +85,13 @@ def test_algorithm_choice():
     assert algorithm_for(codecs.TopK(0.01), 1 << 20) == "allgather"
     assert algorithm_for(codecs.RandK(0.01), 1 << 20) == "randk"
     assert algorithm_for(codecs.PowerSGD(4), 1 << 20) == "powersgd"
+    # casts gloo can sum itself: cast + gloo all-reduce (any size)
+    assert algorithm_for(codecs.Identity(), 1 << 20) == "native"
+    assert algorithm_for(codecs.Identity(), 100, "ef") == "native"
+    assert algorithm_for(codecs.BF16(), 1 << 20) == "native"
+    assert algorithm_for(codecs.BF16(), 1 << 20, "ef") == "ring"  # member errors must add up
+    assert algorithm_for(codecs.BF16(), 1 << 20, "ef21") == "allgather"
+    assert algorithm_for(codecs.FP16(), 1 << 20) == "ring"  # fp16 sums overflow; gloo's is slow
 
 
 def test_tensor_ids_come_from_names_or_positions():

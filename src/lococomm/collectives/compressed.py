@@ -3,7 +3,11 @@
 =====================================  ==============================  ======================
 codec                                  algorithm                       module
 =====================================  ==============================  ======================
-summable (Identity, FP16, BF16, FP8,   ring reduce-scatter with        ring_requant.py
+Identity (no EF or classic EF),        cast, gloo all-reduce of the    native.py (an owned
+BF16 (no EF)                           wire dtype, cast back           fp32 tensor with
+                                                                       Identity: exact.py's
+                                                                       in-place path)
+summable (FP16, BF16 + EF, FP8,        ring reduce-scatter with        ring_requant.py
 Int8/4/2), tensor >= RING_MIN_BYTES,   re-encoding, all-gather of the
 no EF or classic EF                    owners' final encodings
 RandK                                  shared-seed indices, exact      randk.py
@@ -43,21 +47,24 @@ from typing import Any
 
 import torch
 
+from lococomm import ops
 from lococomm.collectives import signature
 from lococomm.collectives.communicator import Communicator, Handle
-from lococomm.collectives.exact import check_tensor
+from lococomm.collectives.exact import allreduce_owned, check_tensor, exclusively_owned
 from lococomm.collectives.feedback import Feedback, kind_of
 from lococomm.collectives.hop_codec import HopCodec
+from lococomm.collectives.native import NativeAllreduce, native_wire_dtype
 from lococomm.collectives.pair_groups import MakeGroup, ring_links
 from lococomm.collectives.powersgd import PowerSGDAllreduce
 from lococomm.collectives.randk import RandKAllreduce
 from lococomm.collectives.ring_plan import plan_ring
 from lococomm.collectives.ring_requant import RingRequant
 from lococomm.collectives.sparse_allgather import SparseAllgather
-from lococomm.collectives.stats import CallStats
+from lococomm.collectives.stats import CallStats, Timer
 from lococomm.compress.base import Codec, derive_seed
 from lococomm.compress.lowrank import PowerSGD
 from lococomm.compress.payload import canonical_json
+from lococomm.compress.quant import Identity
 from lococomm.compress.sparse import RandK
 
 log = logging.getLogger(__name__)
@@ -80,6 +87,8 @@ def algorithm_for(codec: Codec, numel: int, kind: str = "none") -> str:
         return "randk"
     if isinstance(codec, PowerSGD):
         return "powersgd"
+    if native_wire_dtype(codec, kind) is not None:
+        return "native"
     ring_ok = kind in ("none", "ef") and numel * 4 >= RING_MIN_BYTES
     if getattr(codec, "summable", False) and ring_ok:
         return "ring"
@@ -151,11 +160,46 @@ def allreduce(
     key = name or f"allreduce#{index}"
     feedback = Feedback(error_feedback, key, numel, comm.epoch)
     seed = derive_seed(comm.epoch, step, tensor_id(name, index))
-    ok = _run(comm, tensor, op, codec, feedback, algorithm, seed, stats, description, make_group)
+    if _in_place_ok(tensor, codec, feedback, algorithm):
+        ok = _identity_in_place(comm, tensor, op, codec, stats, description)
+    else:
+        ok = _run(comm, tensor, op, codec, feedback, algorithm, seed, stats, description, make_group)
     comm.bytes_sent += stats.bytes_sent
     if on_stats is not None:
         on_stats(stats.finish(ok))
     return Handle.completed(ok)
+
+
+def _in_place_ok(tensor: torch.Tensor, codec: Codec, feedback: Feedback, algorithm: str) -> bool:
+    """Identity without EF on an fp32 tensor nobody else can see: the exact in-place path."""
+    return (
+        algorithm == "native"
+        and type(codec) is Identity
+        and feedback.kind == "none"
+        and tensor.dtype == torch.float32
+        and not tensor.requires_grad
+        and exclusively_owned(tensor)
+    )
+
+
+def _identity_in_place(
+    comm: Communicator, tensor: torch.Tensor, op: str, codec: Codec, stats: CallStats, description: str
+) -> bool:
+    """Identity = the exact fp32 all-reduce, run in place on the caller's tensor (exact.py's
+    owned path: a pipelined backup restores it on failure; each chunk is divided as soon as it
+    arrived). The backup copy also checks the input for inf/nan (nonfinite="raise")."""
+
+    def copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+        with Timer(stats, "encode_seconds"):
+            bad = ops.cast_encode(src, dst)
+        if bad and codec.nonfinite == "raise":
+            raise ValueError(f"{codec.name}.encode: input contains {bad} inf/nan value(s)")
+
+    w = comm.world_size
+    moved = 2 * (w - 1) * tensor.numel() * 4 // w
+    stats.bytes_sent += moved
+    stats.bytes_received += moved
+    return bool(allreduce_owned(comm, tensor, op, description, copy).wait())
 
 
 def _run(
@@ -196,6 +240,10 @@ def _run(
             hop = HopCodec(codec)
             plan = plan_ring(g.numel(), comm.world_size, codec.align, RING_CHUNK_ELEMENTS)
             ok = RingRequant(comm, links, hop, plan, x, result, **common).run()
+    elif algorithm == "native":
+        wire_dtype = native_wire_dtype(codec, feedback.kind)
+        assert wire_dtype is not None
+        ok = NativeAllreduce(comm, codec, wire_dtype, x, result, **common).run()
     elif algorithm == "randk":
         ok = RandKAllreduce(comm, codec, x, result, **common).run()
     elif algorithm == "powersgd":

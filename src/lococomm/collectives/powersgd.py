@@ -30,10 +30,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from lococomm import ops
 from lococomm.collectives.communicator import Communicator
 from lococomm.collectives.finite import check_finite
 from lococomm.collectives.stats import CallStats, Timer
-from lococomm.compress.lowrank import PowerSGD, orthonormalize, power_step_p, power_step_q
+from lococomm.compress.lowrank import PowerSGD, orthonormalize, power_step_p
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +147,9 @@ class PowerSGDAllreduce:
         if err is not None:
             return self._fail(err)
         with Timer(self.stats, "encode_seconds"):
-            q_own = power_step_q(mat, p_hat).contiguous()
+            # Q_r = M^T P^, computed as (P^T M)^T: the same product, ~3x faster here than
+            # BLAS on the transposed view (every member sums the same all-reduced Q anyway)
+            q_own = (p_hat.t() @ mat).t().contiguous()
             q = q_own.clone()
             if self.err is not None:  # M - P^ Q_r^T, in the buffer that holds M
                 mat.addmm_(p_hat, q_own.t(), alpha=-1.0)
@@ -157,12 +160,9 @@ class PowerSGDAllreduce:
         with Timer(self.stats, "decode_seconds"):
             if self.mean:
                 q.div_(comm.world_size)  # n x r: cheaper than dividing the m x n result
-            out = self.result.view(m, n)
             # P^ Q^T as a fixed-order sum of outer products (element-wise, so the same bits
-            # on every member whatever the BLAS or thread count), without temporaries
-            torch.mul(p_hat[:, 0:1], q[:, 0], out=out)
-            for j in range(1, r):
-                out.addcmul_(p_hat[:, j : j + 1], q[:, j])
+            # on every member whatever the BLAS or thread count), one pass over the result
+            ops.lowrank_product(p_hat, q, self.result.view(m, n))
         return True
 
     def _fail(self, err: str) -> bool:

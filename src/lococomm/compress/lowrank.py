@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from .. import ops
 from .base import Codec, numel_of
 from .payload import Payload
 
@@ -41,7 +42,10 @@ def power_step_q(m: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 
 
 def lowrank_product(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """P Q^T as a fixed-order sum of outer products (deterministic on every backend)."""
+    """P Q^T as a fixed-order sum of outer products (deterministic on every backend; fused
+    kernel `ops.lowrank_product` for fp32 CPU factors)."""
+    if p.dtype == torch.float32 and q.dtype == torch.float32 and p.device.type == "cpu":
+        return ops.lowrank_product(p, q)
     out = p[:, 0:1] * q[:, 0]
     for j in range(1, p.shape[1]):
         out += p[:, j : j + 1] * q[:, j]

@@ -8,9 +8,11 @@ quantize(mode="ef")        ... fused with the EF residual: p = x + e, e' = p - D
 quantize(mode="ef21")      ... fused with EF21: p = x - h, h' = h + D(Q(p))             yes
 dequantize                 code * scale                                                yes
 dequantize_accumulate_     acc += code * scale (ring reduce-scatter hop)               yes
+cast_encode / cast_decode  p = x (+ e) to fp32/bf16/fp16 (+ error); wire -> fp32 / W      no
 topk / topk_chunked        exact top-|p| (ties -> lower index) + EF residual          no
 sparseloco_encode          chunked top-k + 2-bit values (sign, lo/hi level) + EF        no
 chunked_sparse_sum         sum of chunked TopK/SparseLoCo payloads, / divisor          no
+lowrank_product            P Q^T as a fixed-order sum of outer products (PowerSGD)     no
 nesterov_outer_            DiLoCo SGD-Nesterov step fused with the pseudo-gradient    no
 pseudo_gradient            snapshot - local                                            no
 rng_u32                    the counter-based RNG (seed, index) -> uint32               --
@@ -27,10 +29,13 @@ independent of the thread count (torch.get_num_threads() sets the kernels' OpenM
 from .kernels import (
     FLOAT_DTYPES,
     backend,
+    cast_decode,
+    cast_encode,
     chunked_counts,
     chunked_sparse_sum,
     dequantize,
     dequantize_accumulate_,
+    lowrank_product,
     nesterov_outer_,
     pseudo_gradient,
     quantize,
@@ -44,11 +49,14 @@ from .reference import k_of, num_blocks, packed_bytes, rng_keys
 __all__ = [
     "FLOAT_DTYPES",
     "backend",
+    "cast_decode",
+    "cast_encode",
     "chunked_counts",
     "chunked_sparse_sum",
     "dequantize",
     "dequantize_accumulate_",
     "k_of",
+    "lowrank_product",
     "nesterov_outer_",
     "num_blocks",
     "packed_bytes",

@@ -179,6 +179,50 @@ def dequantize_accumulate_(
     return dequantize(codes, scales, acc.numel(), bits, block, out=acc, accumulate=True, impl=impl)
 
 
+WIRE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def cast_encode(
+    x: torch.Tensor,
+    wire: torch.Tensor,
+    *,
+    state: torch.Tensor | None = None,
+    err: torch.Tensor | None = None,
+    impl: str | None = None,
+) -> int:
+    """p = x (+ state) cast (nearest even) into `wire` (contiguous fp32/bf16/fp16 with x's
+    number of elements); err (fp32) = p - float(wire) if given. One pass; returns the number
+    of non-finite wire values (inf/nan in p, or an overflow of the cast)."""
+    _check_float(x, "x")
+    flat = x.reshape(-1)
+    n = flat.numel()
+    if wire.dtype not in WIRE_DTYPES or wire.numel() != n or not wire.is_contiguous():
+        raise ValueError(f"wire must be a contiguous float32/bfloat16/float16 tensor of {n}")
+    if state is not None:
+        _check_state(state, n, x.device, "state")
+    if err is not None:
+        _check_state(err, n, x.device, "err")
+    which = _impl_for(flat, impl, cuda_ok=False)
+    if which == "torch":
+        return ref.cast_encode(flat, wire, state=state, err=err)
+    return int(_build.get("cpu").cast_encode(flat.contiguous(), state, err, wire))
+
+
+def cast_decode(
+    wire: torch.Tensor, out: torch.Tensor, divisor: float = 1, *, impl: str | None = None
+) -> torch.Tensor:
+    """out (contiguous fp32) = float(wire) / divisor in one pass (no division if 1)."""
+    n = out.numel()
+    _check_state(out, n, out.device, "out")
+    if wire.dtype not in WIRE_DTYPES or wire.numel() != n or not wire.is_contiguous():
+        raise ValueError(f"wire must be a contiguous float32/bfloat16/float16 tensor of {n}")
+    which = _impl_for(out, impl, cuda_ok=False)
+    if which == "torch":
+        return ref.cast_decode(wire, out, divisor)
+    _build.get("cpu").cast_decode(wire, out, float(divisor))
+    return out
+
+
 def _prep_sparse(x, state, state_out):
     _check_float(x, "x")
     flat = x.reshape(-1)
@@ -421,6 +465,27 @@ def pseudo_gradient(
     if which == "torch":
         return ref.pseudo_gradient(snapshot, local, out)
     _build.get("cpu").pseudo_gradient(snapshot, local.contiguous(), out)
+    return out
+
+
+def lowrank_product(
+    p: torch.Tensor, q: torch.Tensor, out: torch.Tensor | None = None, *, impl: str | None = None
+) -> torch.Tensor:
+    """out (m x n) = P Q^T for fp32 P (m x r) and Q (n x r), as the fixed-order sum of r outer
+    products (same bits on every backend and thread count; PowerSGD's decode)."""
+    if p.dim() != 2 or q.dim() != 2 or p.shape[1] != q.shape[1] or p.shape[1] < 1:
+        raise ValueError(f"need p (m x r) and q (n x r), got {tuple(p.shape)} and {tuple(q.shape)}")
+    if p.dtype != torch.float32 or q.dtype != torch.float32:
+        raise TypeError("lowrank_product needs float32 factors")
+    m, n = p.shape[0], q.shape[0]
+    if out is None:
+        out = torch.empty(m, n, dtype=torch.float32, device=p.device)
+    elif out.dtype != torch.float32 or out.numel() != m * n or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous float32 tensor of {m} x {n}")
+    which = _impl_for(out, impl, cuda_ok=False)
+    if which == "torch":
+        return ref.lowrank_product(p, q, out.view(m, n)).view(out.shape)
+    _build.get("cpu").lowrank_product(p.contiguous(), q.contiguous(), out)
     return out
 
 

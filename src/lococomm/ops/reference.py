@@ -200,6 +200,48 @@ def dequantize_blocks(
 
 
 # ---------------------------------------------------------------------------------------------
+# Casts (wire formats the transport can sum natively)
+# ---------------------------------------------------------------------------------------------
+def cast_encode(
+    x: torch.Tensor,
+    wire: torch.Tensor,
+    *,
+    state: torch.Tensor | None = None,
+    err: torch.Tensor | None = None,
+) -> int:
+    """p = x (+ state) rounded (nearest even) into `wire` (fp32/bf16/fp16; a NaN becomes the
+    canonical 0x7fc0 / 0x7e00 in bf16 / fp16, fp32 keeps its bits); err = p - float(wire) if
+    given (the canonical NaN 0x7fc00000 where p is inf/nan). Returns the number of non-finite
+    wire values (inf/nan in p, or a finite p that overflowed the wire type)."""
+    p = x.reshape(-1).to(torch.float32)
+    if state is not None:
+        p = p + state.reshape(-1)
+    flat = wire.view(-1)
+    flat.copy_(p)
+    nan = torch.isnan(p)
+    if wire.dtype != torch.float32 and bool(nan.any()):  # canonical NaN, whatever the payload
+        flat.view(torch.int16)[nan] = 0x7FC0 if wire.dtype == torch.bfloat16 else 0x7E00
+    back = flat.to(torch.float32)
+    if err is not None:
+        e = err.view(-1)
+        e.copy_(p - back)
+        e.view(torch.int32)[~torch.isfinite(p)] = 0x7FC00000  # err of inf/nan: canonical NaN
+    return int((~torch.isfinite(back)).sum())
+
+
+def cast_decode(wire: torch.Tensor, out: torch.Tensor, divisor: float = 1) -> torch.Tensor:
+    """out = float(wire) / divisor (true division; none when divisor == 1); NaN of a 16-bit
+    wire -> the canonical 0x7fc00000."""
+    flat = out.view(-1)
+    flat.copy_(wire.reshape(-1))
+    if divisor != 1:
+        flat.div_(divisor)
+    if wire.dtype != torch.float32:  # a 16-bit NaN decodes as the canonical fp32 NaN
+        flat.view(torch.int32)[torch.isnan(flat)] = 0x7FC00000
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # Top-k by magnitude
 # ---------------------------------------------------------------------------------------------
 def _select_mask(a: torch.Tensor, k: int) -> torch.Tensor:
@@ -418,6 +460,17 @@ def pseudo_gradient(
     if out is None:
         return res
     out.view(-1).copy_(res)
+    return out
+
+
+def lowrank_product(p: torch.Tensor, q: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """P Q^T (m x r, n x r -> m x n) as a fixed-order sum of outer products: out = p0 q0^T,
+    then out = out + pk qk^T for k = 1 .. r-1 (a rounded product, then a rounded add)."""
+    if out is None:
+        out = torch.empty(p.shape[0], q.shape[0], dtype=torch.float32, device=p.device)
+    torch.mul(p[:, 0:1], q[:, 0], out=out)
+    for k in range(1, p.shape[1]):
+        out += p[:, k : k + 1] * q[:, k]
     return out
 
 
