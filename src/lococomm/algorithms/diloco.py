@@ -11,6 +11,7 @@ Inner steps never talk to the manager. One exchange is one manager step:
 
     start_step()                          re-forms the group and heals joiners if needed
     allgather([weight, clock])            who contributes, and the group's inner clock
+                                          (first exchange of an epoch only)
     allreduce(G_f - L_f, "sum", codec)    async; inner steps go on for `overlap` steps
     ... handle.wait(); commit()           True: outer step on G_f, then merge L_f
                                           False: nothing applied anywhere (see below)
@@ -250,6 +251,7 @@ class DiLoCo:
         self._pending: _Exchange | None = None
         self._joined = False
         self._resumed = False
+        self._control_epoch = -1  # epoch whose members are known to agree (see _start_exchange)
         self._bytes_start = int(manager.metrics.bytes_sent)
         self._bytes_mark = self._bytes_start
         if join:
@@ -300,9 +302,14 @@ class DiLoCo:
             if self._global.syncs > 0:
                 # A running group: this is one of its exchanges (we arrived during it).
                 self._adopt_global("joined a running group")
+                failed = self.metrics.failed
                 self._start_exchange(contributing=False)
+                if self._pending is None and self.metrics.failed > failed:
+                    continue  # failed before anything was issued: wait for the next exchange
                 return
+            epoch = self._manager.epoch
             if self._manager.commit():
+                self._control_epoch = epoch  # every member bootstrapped at clock 0 in it
                 self._global.syncs = 1
                 self._adopt_global("bootstrap" + (" (healed)" if healed else ""))
                 return
@@ -359,14 +366,20 @@ class DiLoCo:
     def _start_exchange(self, contributing: bool) -> None:
         m = self._manager
         started = time.monotonic()
-        control = torch.tensor([1 if contributing else 0, self._clock], dtype=torch.int64)
-        gathered = m.allgather(control, name=f"{self.name}/control")
         members, epoch = m.world_size, m.epoch
-        if gathered is None:
-            self._record_failure(self._clock, -1, members, 0, epoch, started)
-            return
-        contributors = int(gathered[:, 0].sum())
-        clock = int(gathered[:, 1].max())
+        contributors, clock = members, self._clock
+        if epoch != self._control_epoch:
+            # First exchange of this epoch: members may have been healed (weight 0) or be at
+            # different inner steps. Within an epoch neither can change (any membership
+            # change or failed step starts a new one), so later exchanges skip this.
+            control = torch.tensor([1 if contributing else 0, self._clock], dtype=torch.int64)
+            gathered = m.allgather(control, name=f"{self.name}/control")
+            if gathered is None:
+                self._record_failure(self._clock, -1, members, 0, epoch, started)
+                return
+            contributors = int(gathered[:, 0].sum())
+            clock = int(gathered[:, 1].max())
+            self._control_epoch = epoch
         if clock != self._clock:
             log.info("%s: inner clock %d -> %d (the group's)", self.name, self._clock, clock)
             self._clock = clock

@@ -1,0 +1,181 @@
+"""Learning quality vs bytes: DDP vs DiLoCo vs Streaming DiLoCo vs delayed DiLoCo vs SparseLoCo.
+
+Every run is `lococomm run --workers W examples/train_diloco.py --algo A --seed S ...`: the
+same model (char-level transformer), the same per-worker data order and the same number of
+tokens (steps x batch x context x W) for every algorithm; only how the workers communicate
+differs. DDP is the baseline measured in the same invocation (exact gradient all-reduce every
+step, global batch W x batch). Bytes are the wire bytes worker w0 sent through the manager
+(payload bytes of its collectives; every member sends about the same).
+
+Prints one JSON line per run and one per variant (means over seeds, loss difference and byte
+ratio to DDP, the issue's targets), and writes a PNG with loss vs bytes and loss vs steps.
+
+    .venv/bin/python benchmarks/diloco_quality.py --seeds 0 1 2 --steps 1000 --png docs/diloco_quality.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "examples" / "train_diloco.py"
+
+# name -> train_diloco.py arguments (H = 50 everywhere; see docs/diloco.md)
+# Inner (and DDP) AdamW peak lr 1.2e-2 for every algorithm: the best of {3e-3, 6e-3, 1.2e-2,
+# 2.4e-2} for DiLoCo, and better than 3e-3 / 6e-3 for DDP (seed 0, width 64, 1000 steps).
+VARIANTS: dict[str, list[str]] = {
+    "ddp": ["--algo", "ddp"],
+    "diloco": ["--algo", "diloco", "--sync-every", "50"],
+    "streaming": ["--algo", "streaming", "--sync-every", "50", "--fragments", "4", "--overlap", "2",
+                  "--codec", "int4"],
+    "delayed": ["--algo", "delayed", "--sync-every", "50"],
+    "sparseloco": ["--algo", "sparseloco", "--sync-every", "50", "--topk-ratio", "0.03125"],
+}
+COMMON = ["--lr", "0.012", "--width", "96", "--layers", "4", "--batch", "16", "--context", "64"]
+# Targets of the issue: (max relative loss excess over DDP, min byte reduction vs DDP)
+TARGETS = {"diloco": (0.02, 50), "streaming": (0.03, 400), "sparseloco": (0.03, 1000)}
+
+
+def run_one(variant: str, seed: int, args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
+    log_path = out_dir / f"{variant}_s{seed}.jsonl"
+    if log_path.exists():
+        log_path.unlink()
+    cmd = [
+        str(Path(sys.executable).with_name("lococomm")), "run", "--workers", str(args.workers),
+        "--quiet", "--summary-json", str(out_dir / f"{variant}_s{seed}.summary.json"),
+        str(SCRIPT), *VARIANTS[variant], *COMMON, *args.model_args, "--steps", str(args.steps),
+        "--seed", str(seed), "--eval-every", str(args.eval_every),
+        "--eval-batches", str(args.eval_batches), "--log-json", str(log_path),
+    ]
+    started = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    seconds = time.monotonic() - started
+    if proc.returncode != 0:
+        raise RuntimeError(f"{variant} seed {seed} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}")
+    rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    final = rows[-1]
+    if final["step"] != args.steps:
+        raise RuntimeError(f"{variant} seed {seed}: last evaluation at step {final['step']}")
+    return {
+        "variant": variant, "seed": seed, "workers": args.workers, "steps": args.steps,
+        "final_eval_loss": final["eval_loss"], "bytes": final["bytes"],
+        "peak_sync_bytes": final.get("peak_sync_bytes"), "syncs": final.get("syncs"),
+        "seconds": round(seconds, 1),
+        "curve": [(r["step"], r["eval_loss"], r["bytes"]) for r in rows],
+    }  # fmt: skip
+
+
+def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    ddp = {r["seed"]: r for r in runs if r["variant"] == "ddp"}
+    out = []
+    for variant in VARIANTS:
+        mine = [r for r in runs if r["variant"] == variant]
+        if not mine:
+            continue
+        losses = [r["final_eval_loss"] for r in mine]
+        row: dict[str, Any] = {
+            "variant": variant,
+            "seeds": [r["seed"] for r in mine],
+            "final_eval_loss": statistics.fmean(losses),
+            "final_eval_loss_std": statistics.stdev(losses) if len(losses) > 1 else 0.0,
+            "bytes": statistics.fmean(r["bytes"] for r in mine),
+            "peak_sync_bytes": max((r["peak_sync_bytes"] or 0) for r in mine),
+        }
+        paired = [(r, ddp[r["seed"]]) for r in mine if r["seed"] in ddp]
+        if paired and variant != "ddp":
+            row["loss_vs_ddp"] = statistics.fmean(
+                r["final_eval_loss"] / d["final_eval_loss"] - 1 for r, d in paired
+            )
+            row["byte_reduction_vs_ddp"] = statistics.fmean(d["bytes"] / r["bytes"] for r, d in paired)
+            if variant in TARGETS:
+                max_loss, min_ratio = TARGETS[variant]
+                row["target"] = f"loss <= +{max_loss:.0%}, bytes >= {min_ratio}x fewer"
+                row["target_met"] = row["loss_vs_ddp"] <= max_loss and row["byte_reduction_vs_ddp"] >= min_ratio
+        out.append(row)
+    diloco = next((r for r in out if r["variant"] == "diloco"), None)
+    streaming = next((r for r in out if r["variant"] == "streaming"), None)
+    if diloco and streaming:  # Streaming's extra target: peak per-exchange bytes <= 1/P of DiLoCo's
+        streaming["peak_vs_diloco"] = streaming["peak_sync_bytes"] / diloco["peak_sync_bytes"]
+        streaming["peak_target_met"] = streaming["peak_vs_diloco"] <= 1 / 4
+    return out
+
+
+def plot(runs: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for variant in VARIANTS:
+        mine = [r for r in runs if r["variant"] == variant]
+        if not mine:
+            continue
+        steps = [s for s, _, _ in mine[0]["curve"]]
+        curves = [r["curve"] for r in mine if len(r["curve"]) == len(steps)]
+        loss = [statistics.fmean(c[i][1] for c in curves) for i in range(len(steps))]
+        sent = [statistics.fmean(c[i][2] for c in curves) for i in range(len(steps))]
+        label = f"{variant} ({len(curves)} seed{'s' if len(curves) > 1 else ''})"
+        right.plot(steps, loss, label=label)
+        left.plot([max(b, 1) for b in sent[1:]], loss[1:], marker=".", label=label)
+    left.set_xscale("log")
+    left.set_xlabel("wire bytes sent per worker (log)")
+    right.set_xlabel("inner steps (= DDP steps; same tokens)")
+    for ax in (left, right):
+        ax.set_ylabel("held-out loss (nats/byte)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    left.set_title("loss vs bytes")
+    right.set_title("loss vs steps")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--eval-batches", type=int, default=16)
+    parser.add_argument("--model-args", nargs=argparse.REMAINDER, default=[],
+                        help="extra train_diloco.py arguments (last; override COMMON), e.g. --width 64")
+    parser.add_argument("--out-dir", default="/tmp/lococomm_diloco_quality")
+    parser.add_argument("--results", default=None, help="also write every run (JSON lines) here")
+    parser.add_argument("--png", default=None, help="write the loss vs bytes / steps figure here")
+    parser.add_argument("--reuse", action="store_true", help="load runs already in --results")
+    args = parser.parse_args()
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs: list[dict[str, Any]] = []
+    if args.reuse and args.results and Path(args.results).exists():
+        runs = [json.loads(x) for x in Path(args.results).read_text().splitlines() if x.strip()]
+    done = {(r["variant"], r["seed"]) for r in runs}
+    for seed in args.seeds:
+        for variant in args.variants:
+            if (variant, seed) in done:
+                continue
+            run = run_one(variant, seed, args, out_dir)
+            runs.append(run)
+            print(json.dumps({k: v for k, v in run.items() if k != "curve"}), flush=True)
+            if args.results:
+                with open(args.results, "a") as f:
+                    f.write(json.dumps(run) + "\n")
+    for row in summarise(runs):
+        print(json.dumps(row), flush=True)
+    if args.png:
+        plot(runs, Path(args.png))
+        print(json.dumps({"png": args.png}))
+
+
+if __name__ == "__main__":
+    main()
