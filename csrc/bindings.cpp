@@ -121,18 +121,21 @@ int wire_kind(const at::Tensor& wire) {
 }
 
 int64_t cast_encode(const at::Tensor& x, const std::optional<at::Tensor>& state,
-                    const std::optional<at::Tensor>& err, at::Tensor& wire) {
+                    const std::optional<at::Tensor>& err, at::Tensor& wire,
+                    const std::optional<at::Tensor>& scaled, double divisor) {
   const int64_t n = x.numel();
   check_cpu(wire, "wire");
   TORCH_CHECK(wire.numel() == n, "wire must have ", n, " elements");
   const int kind = wire_kind(wire);
   const float* s = opt_ptr(state, "state", n);
   float* e = opt_mut_ptr(err, "err", n);
+  float* sc = opt_mut_ptr(scaled, "scaled", n);
   void* w = wire.data_ptr();
   const int nt = at::get_num_threads();
+  const auto dv = static_cast<float>(divisor);
   return with_input(x, [&](auto* xp) {
     pybind11::gil_scoped_release nogil;
-    return lococomm::cast_encode(xp, s, e, w, kind, n, nt);
+    return lococomm::cast_encode(xp, s, e, w, kind, sc, dv, n, nt);
   });
 }
 

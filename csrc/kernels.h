@@ -7,6 +7,7 @@
 // uses -ffp-contract=off so no FMA is formed). Block results never depend on the thread count.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 namespace lococomm {
@@ -42,11 +43,12 @@ void dequantize_blocks(const uint8_t* codes, const float* scales, float* out, in
 
 // Casts (the wire of Identity = fp32 and of the cast codecs): p = x (+ state); wire = p rounded
 // to the wire type (wire_kind 0 fp32, 1 bf16, 2 fp16; nearest even, bf16 NaN -> 0x7fc0); with
-// err: err = p - float(wire) (canonical NaN where p is inf/nan). Returns the number of
-// non-finite wire values (inf/nan in p, or an overflow of the cast).
+// err: err = p - float(wire) (canonical NaN where p is inf/nan); with scaled (fp32, may alias
+// x): scaled = p / divisor (p if divisor == 1). Returns the number of non-finite wire values
+// (inf/nan in p, or an overflow of the cast).
 template <typename T>
 int64_t cast_encode(const T* x, const float* state, float* err, void* wire, int wire_kind,
-                    int64_t n, int nthreads);
+                    float* scaled, float divisor, int64_t n, int nthreads);
 // out = float(wire) / divisor (no division when divisor == 1).
 void cast_decode(const void* wire, int wire_kind, float* out, int64_t n, float divisor,
                  int nthreads);
@@ -110,6 +112,16 @@ void lowrank_product(const float* p, const float* q, float* out, int64_t m, int6
 
 // n random words of the counter-based RNG starting at index `offset` (for tests).
 void rng_fill(uint32_t k0, uint32_t k1, uint64_t offset, int64_t n, int64_t* out);
+
+// True iff x / d == x * (1 / d) for every float x: d a power of two (the reciprocal is exact,
+// so both are the correctly rounded x * 2^-k). Kernels then multiply (a vector division costs
+// several times a multiplication) and stay bit-identical to the references' true division.
+inline bool exact_reciprocal(float d) {
+  int e = 0;
+  if (!(d > 0.0f) || !std::isfinite(d) || std::frexp(d, &e) != 0.5f) return false;
+  const float r = 1.0f / d;
+  return std::isnormal(r) && std::frexp(r, &e) == 0.5f;
+}
 
 // Elements below which kernels stay on one thread (an OpenMP fork costs a few microseconds).
 constexpr int64_t kParallelGrain = 1 << 16;

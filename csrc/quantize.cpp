@@ -586,11 +586,131 @@ inline float canonical_nan() {
   return f;
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
+#define LOCOCOMM_CAST_AVX512 1
+template <typename T>
+inline __m512 ld16(const T* p);
+template <>
+inline __m512 ld16<float>(const float* p) {
+  return _mm512_loadu_ps(p);
+}
+template <>
+inline __m512 ld16<c10::BFloat16>(const c10::BFloat16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+constexpr int kNonFiniteClass = 0x99;  // fpclass: quiet NaN | +inf | -inf | signalling NaN
+
+template <bool NT>
+inline void st16(float* p, __m512 v) {
+  if constexpr (NT) {
+    _mm512_stream_ps(p, v);
+  } else {
+    _mm512_storeu_ps(p, v);
+  }
+}
+
+// The vector part (nv groups of 16) of cast_encode for fp32/bf16 inputs and wires; returns
+// non-zero if some wire value is inf/nan (the caller then counts exactly).
+template <typename T, typename Wt, bool NT>
+int64_t cast_encode_avx512(const T* x, const float* s, float* err, Wt* wire, float* scaled,
+                           float divisor, int64_t nv, int nt) {
+  int64_t bad = 0;
+#pragma omp parallel num_threads(nt) reduction(+ : bad) if (nt > 1)
+  {
+    __mmask16 anybad = 0;
+    const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7fff);
+    const __m512i nan16 = _mm512_set1_epi32(0x7fc0);
+    const __m512 nan32 = _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(kCanonicalNaN)));
+    const __m512 dv = _mm512_set1_ps(divisor), inv = _mm512_set1_ps(1.0f / divisor);
+    const bool mul = exact_reciprocal(divisor);
+#pragma omp for schedule(static)
+    for (int64_t v = 0; v < nv; ++v) {
+      const int64_t i = v * 16;
+      __m512 p = ld16<T>(x + i);
+      if (s != nullptr) p = _mm512_add_ps(p, _mm512_loadu_ps(s + i));
+      if (scaled != nullptr) {  // may alias x: p is already in a register
+        const __m512 q = divisor == 1.0f ? p : mul ? _mm512_mul_ps(p, inv) : _mm512_div_ps(p, dv);
+        _mm512_storeu_ps(scaled + i, q);
+      }
+      __m512 back;
+      if constexpr (std::is_same_v<Wt, float>) {
+        st16<NT>(wire + i, p);
+        back = p;
+      } else {  // round to nearest even as c10::BFloat16, NaN -> 0x7fc0
+        const __m512i u = _mm512_castps_si512(p);
+        const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), one);
+        __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, bias)), 16);
+        r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(p, p, _CMP_UNORD_Q), nan16);
+        const __m256i h = _mm512_cvtepi32_epi16(r);
+        auto* dst = reinterpret_cast<__m256i*>(wire + i);
+        if constexpr (NT) {
+          _mm256_stream_si256(dst, h);
+        } else {
+          _mm256_storeu_si256(dst, h);
+        }
+        back = _mm512_castsi512_ps(_mm512_slli_epi32(r, 16));
+      }
+      if (err != nullptr) {
+        const __m512 e = _mm512_sub_ps(p, back);
+        st16<NT>(err + i, _mm512_mask_mov_ps(e, _mm512_fpclass_ps_mask(p, kNonFiniteClass), nan32));
+      }
+      anybad |= _mm512_fpclass_ps_mask(back, kNonFiniteClass);
+    }
+    bad += anybad != 0;
+  }
+  return bad;
+}
+
+template <typename Wt, bool NT>
+void cast_decode_avx512(const Wt* wire, float* out, int64_t nv, float divisor, int nt) {
+  const bool divide = divisor != 1.0f;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    const __m512 dv = _mm512_set1_ps(divisor), inv = _mm512_set1_ps(1.0f / divisor);
+    const bool mul = exact_reciprocal(divisor);
+    const __m512 nan32 = _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(kCanonicalNaN)));
+#pragma omp for schedule(static)
+    for (int64_t v = 0; v < nv; ++v) {
+      const int64_t i = v * 16;
+      __m512 w = ld16<Wt>(wire + i);
+      if (divide) w = mul ? _mm512_mul_ps(w, inv) : _mm512_div_ps(w, dv);
+      if constexpr (!std::is_same_v<Wt, float>) {
+        w = _mm512_mask_mov_ps(w, _mm512_cmp_ps_mask(w, w, _CMP_UNORD_Q), nan32);
+      }
+      st16<NT>(out + i, w);
+    }
+  }
+}
+#endif
+
+// Large outputs go around the caches (streaming stores) when every vector store is aligned.
+inline bool stream_ok(const void* a, const void* b, int64_t bytes) {
+  const auto al = [](const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 64 == 0; };
+  return bytes >= (int64_t{8} << 20) && al(a) && al(b);
+}
+
 template <typename T, typename Wt>
-int64_t cast_encode_impl(const T* x, const float* s, float* err, Wt* wire, int64_t n, int nthreads) {
+int64_t cast_encode_impl(const T* x, const float* s, float* err, Wt* wire, float* scaled,
+                         float divisor, int64_t n, int nthreads) {
   const int nt = n >= kParallelGrain ? std::max(1, nthreads) : 1;
   int64_t bad = 0;
   const int64_t nv = n / W;
+#if defined(LOCOCOMM_CAST_AVX512)
+  constexpr bool fast = (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) &&
+                        (std::is_same_v<Wt, float> || std::is_same_v<Wt, c10::BFloat16>);
+  if constexpr (fast) {
+    if (stream_ok(wire, err, n * 4)) {
+      bad = cast_encode_avx512<T, Wt, true>(x, s, err, wire, scaled, divisor, nv, nt);
+      store_fence();
+    } else {
+      bad = cast_encode_avx512<T, Wt, false>(x, s, err, wire, scaled, divisor, nv, nt);
+    }
+  }
+#else
+  constexpr bool fast = false;
+#endif
+  if (!fast)
 #pragma omp parallel num_threads(nt) reduction(+ : bad) if (nt > 1)
   {
     vf nz = {};
@@ -599,6 +719,7 @@ int64_t cast_encode_impl(const T* x, const float* s, float* err, Wt* wire, int64
       const int64_t i = v * W;
       vf p = load_vec<T>(x + i);
       if (s != nullptr) p += load_vec<float>(s + i);
+      if (scaled != nullptr) store_vec(scaled + i, divisor != 1.0f ? p / divisor : p);
       store_wire(wire + i, p);
       vf back;
       if constexpr (std::is_same_v<Wt, float>) {
@@ -619,6 +740,7 @@ int64_t cast_encode_impl(const T* x, const float* s, float* err, Wt* wire, int64
   }
   for (int64_t i = nv * W; i < n; ++i) {
     const float p = s != nullptr ? static_cast<float>(x[i]) + s[i] : static_cast<float>(x[i]);
+    if (scaled != nullptr) scaled[i] = divisor != 1.0f ? p / divisor : p;
     wire[i] = to_wire_scalar(p, wire);
     if (err != nullptr) err[i] = std::isfinite(p) ? p - wire_float(wire[i]) : canonical_nan();
     bad += !std::isfinite(wire_float(wire[i]));
@@ -634,6 +756,20 @@ void cast_decode_impl(const Wt* wire, float* out, int64_t n, float divisor, int 
   const int nt = n >= kParallelGrain ? std::max(1, nthreads) : 1;
   const bool divide = divisor != 1.0f;
   const int64_t nv = n / W;
+#if defined(LOCOCOMM_CAST_AVX512)
+  constexpr bool fast = std::is_same_v<Wt, float> || std::is_same_v<Wt, c10::BFloat16>;
+  if constexpr (fast) {
+    if (stream_ok(out, nullptr, n * 4)) {
+      cast_decode_avx512<Wt, true>(wire, out, nv, divisor, nt);
+      store_fence();
+    } else {
+      cast_decode_avx512<Wt, false>(wire, out, nv, divisor, nt);
+    }
+  }
+#else
+  constexpr bool fast = false;
+#endif
+  if (!fast)
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
   for (int64_t v = 0; v < nv; ++v) {
     const int64_t i = v * W;
@@ -698,16 +834,17 @@ namespace lococomm {
 
 template <typename T>
 int64_t cast_encode(const T* x, const float* state, float* err, void* wire, int wire_kind,
-                    int64_t n, int nthreads) {
+                    float* scaled, float divisor, int64_t n, int nthreads) {
   switch (wire_kind) {
     case 0:
-      return cast_encode_impl<T, float>(x, state, err, static_cast<float*>(wire), n, nthreads);
+      return cast_encode_impl<T, float>(x, state, err, static_cast<float*>(wire), scaled, divisor,
+                                        n, nthreads);
     case 1:
-      return cast_encode_impl<T, c10::BFloat16>(x, state, err,
-                                                static_cast<c10::BFloat16*>(wire), n, nthreads);
+      return cast_encode_impl<T, c10::BFloat16>(x, state, err, static_cast<c10::BFloat16*>(wire),
+                                                scaled, divisor, n, nthreads);
     default:
-      return cast_encode_impl<T, c10::Half>(x, state, err, static_cast<c10::Half*>(wire), n,
-                                            nthreads);
+      return cast_encode_impl<T, c10::Half>(x, state, err, static_cast<c10::Half*>(wire), scaled,
+                                            divisor, n, nthreads);
   }
 }
 
@@ -723,10 +860,11 @@ void cast_decode(const void* wire, int wire_kind, float* out, int64_t n, float d
   }
 }
 
-template int64_t cast_encode<float>(const float*, const float*, float*, void*, int, int64_t, int);
+template int64_t cast_encode<float>(const float*, const float*, float*, void*, int, float*, float,
+                                    int64_t, int);
 template int64_t cast_encode<c10::Half>(const c10::Half*, const float*, float*, void*, int,
-                                        int64_t, int);
+                                        float*, float, int64_t, int);
 template int64_t cast_encode<c10::BFloat16>(const c10::BFloat16*, const float*, float*, void*,
-                                            int, int64_t, int);
+                                            int, float*, float, int64_t, int);
 
 }  // namespace lococomm

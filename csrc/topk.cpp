@@ -515,10 +515,11 @@ void chunked_sparse_sum(float* out, int64_t n, int64_t chunk, int64_t k_chunk, i
       float* dst = out + start;
       if (stream && len == chunk) {
 #if defined(__AVX512F__)
-        const __m512 dv = _mm512_set1_ps(divisor);
+        const __m512 dv = _mm512_set1_ps(divisor), inv = _mm512_set1_ps(1.0f / divisor);
+        const bool mul = exact_reciprocal(divisor);
         for (int64_t j = 0; j < len; j += 16) {
           __m512 v = _mm512_loadu_ps(acc + j);
-          if (divide) v = _mm512_div_ps(v, dv);
+          if (divide) v = mul ? _mm512_mul_ps(v, inv) : _mm512_div_ps(v, dv);
           _mm512_stream_ps(dst + j, v);
         }
         continue;

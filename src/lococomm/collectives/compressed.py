@@ -186,20 +186,25 @@ def _identity_in_place(
     comm: Communicator, tensor: torch.Tensor, op: str, codec: Codec, stats: CallStats, description: str
 ) -> bool:
     """Identity = the exact fp32 all-reduce, run in place on the caller's tensor (exact.py's
-    owned path: a pipelined backup restores it on failure; each chunk is divided as soon as it
-    arrived). The backup copy also checks the input for inf/nan (nonfinite="raise")."""
+    owned path: a pipelined backup restores it on failure). One pass per chunk, just before its
+    op, writes the backup, checks for inf/nan (nonfinite="raise") and, for the mean, divides the
+    chunk by W in place: the sum of x / W is the mean with no pass after the data arrived
+    (equal to sum(x) / W for power-of-two W, barring subnormals; bit-identical on every member
+    either way, as gloo delivers the same sum everywhere)."""
+    w = comm.world_size
+    divisor = w if op == "mean" else 1
 
     def copy(dst: torch.Tensor, src: torch.Tensor) -> None:
         with Timer(stats, "encode_seconds"):
-            bad = ops.cast_encode(src, dst)
+            bad = ops.cast_encode(src, dst, scaled=src if divisor != 1 else None, divisor=divisor)
         if bad and codec.nonfinite == "raise":
+            src.copy_(dst)  # undo the scaling: the tensor must come back as it was
             raise ValueError(f"{codec.name}.encode: input contains {bad} inf/nan value(s)")
 
-    w = comm.world_size
     moved = 2 * (w - 1) * tensor.numel() * 4 // w
     stats.bytes_sent += moved
     stats.bytes_received += moved
-    return bool(allreduce_owned(comm, tensor, op, description, copy).wait())
+    return bool(allreduce_owned(comm, tensor, "sum", description, copy).wait())
 
 
 def _run(

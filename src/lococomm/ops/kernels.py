@@ -188,11 +188,14 @@ def cast_encode(
     *,
     state: torch.Tensor | None = None,
     err: torch.Tensor | None = None,
+    scaled: torch.Tensor | None = None,
+    divisor: float = 1,
     impl: str | None = None,
 ) -> int:
     """p = x (+ state) cast (nearest even) into `wire` (contiguous fp32/bf16/fp16 with x's
-    number of elements); err (fp32) = p - float(wire) if given. One pass; returns the number
-    of non-finite wire values (inf/nan in p, or an overflow of the cast)."""
+    number of elements); err (fp32) = p - float(wire) if given; scaled (fp32, may be x itself)
+    = p / divisor if given. One pass; returns the number of non-finite wire values (inf/nan in
+    p, or an overflow of the cast)."""
     _check_float(x, "x")
     flat = x.reshape(-1)
     n = flat.numel()
@@ -202,10 +205,15 @@ def cast_encode(
         _check_state(state, n, x.device, "state")
     if err is not None:
         _check_state(err, n, x.device, "err")
+    if scaled is not None:
+        _check_state(scaled, n, x.device, "scaled")
+        if not flat.is_contiguous():
+            raise ValueError("scaled needs a contiguous x")
     which = _impl_for(flat, impl, cuda_ok=False)
     if which == "torch":
-        return ref.cast_encode(flat, wire, state=state, err=err)
-    return int(_build.get("cpu").cast_encode(flat.contiguous(), state, err, wire))
+        return ref.cast_encode(flat, wire, state=state, err=err, scaled=scaled, divisor=divisor)
+    mod = _build.get("cpu")
+    return int(mod.cast_encode(flat.contiguous(), state, err, wire, scaled, float(divisor)))
 
 
 def cast_decode(

@@ -208,11 +208,14 @@ def cast_encode(
     *,
     state: torch.Tensor | None = None,
     err: torch.Tensor | None = None,
+    scaled: torch.Tensor | None = None,
+    divisor: float = 1,
 ) -> int:
     """p = x (+ state) rounded (nearest even) into `wire` (fp32/bf16/fp16; a NaN becomes the
     canonical 0x7fc0 / 0x7e00 in bf16 / fp16, fp32 keeps its bits); err = p - float(wire) if
-    given (the canonical NaN 0x7fc00000 where p is inf/nan). Returns the number of non-finite
-    wire values (inf/nan in p, or a finite p that overflowed the wire type)."""
+    given (the canonical NaN 0x7fc00000 where p is inf/nan); scaled (fp32, may be x itself) =
+    p / divisor (p if divisor == 1) if given. Returns the number of non-finite wire values (inf/nan
+    in p, or a finite p that overflowed the wire type)."""
     p = x.reshape(-1).to(torch.float32)
     if state is not None:
         p = p + state.reshape(-1)
@@ -226,6 +229,8 @@ def cast_encode(
         e = err.view(-1)
         e.copy_(p - back)
         e.view(torch.int32)[~torch.isfinite(p)] = 0x7FC00000  # err of inf/nan: canonical NaN
+    if scaled is not None:  # last: scaled may be x itself
+        scaled.view(-1).copy_(p / divisor if divisor != 1 else p)
     return int((~torch.isfinite(back)).sum())
 
 
