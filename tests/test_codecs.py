@@ -11,6 +11,7 @@ import torch
 
 from lococomm import ops
 from lococomm.compress import Payload, codecs
+from lococomm.compress.base import Codec
 from lococomm.compress.payload import buffer_bytes
 
 pytestmark = pytest.mark.timeout(120)
@@ -288,6 +289,60 @@ def test_sparseloco_values_are_two_level_per_chunk():
         chunk = d[k * 4096 : (k + 1) * 4096]
         assert chunk[chunk != 0].abs().unique().numel() <= 2
     assert rel_err(c, x) < 0.95
+
+
+SPARSELOCOS = [
+    codecs.SparseLoCo(),
+    codecs.SparseLoCo(ratio=0.1, chunk=64, rounding="stochastic"),
+    codecs.SparseLoCo(ratio=0.3, chunk=7),
+]
+SUMMED = [
+    codecs.TopK(0.01, chunk=4096),
+    codecs.TopK(0.1, chunk=100),
+    codecs.SparseLoCo(),
+    codecs.SparseLoCo(ratio=0.2, chunk=30),
+    codecs.TopK(0.1),
+    codecs.Int8(),
+    codecs.BF16(),
+]
+
+
+@pytest.mark.parametrize("codec", SPARSELOCOS)
+def test_sparseloco_fused_error_feedback_equals_the_generic_path(codec):
+    """One fused kernel pass (select on x + e, 2-bit values, residual) gives the bytes of
+    encode(x + e) and the residual p - decode(payload) of the generic Codec path."""
+    for n in (1, 63, 4097, 20_011):
+        x, e = make((n,), seed=n), make((n,), seed=n + 1) * 0.1
+        fused, s_fused = codec.encode_feedback(x, e, 5, mode="ef")
+        generic, s_generic = Codec.encode_feedback(codec, x, e, 5, mode="ef")
+        for a, b in zip(fused.tensors, generic.tensors):
+            assert torch.equal(a, b)
+        assert torch.equal(s_fused.view(torch.int32), s_generic.view(torch.int32))
+        out = torch.empty(n)
+        _, s2 = codec.encode_feedback(x, e, 5, mode="ef", state_out=out)
+        assert s2 is out and torch.equal(out, s_fused)
+
+
+@pytest.mark.parametrize("codec", SUMMED)
+def test_decode_sum_equals_zero_accumulate_divide(codec):
+    """decode_sum_ (fused for chunked sparse codecs) = zero, decode_accumulate_ in order, / W."""
+    for n in (5, 4096 * 2 + 3, 100_000):
+        payloads = [codec.encode(make((n,), seed=n + r), seed=r) for r in range(3)]
+        for divisor in (1, 3, 4):
+            want = torch.zeros(n)
+            for p in payloads:
+                codec.decode_accumulate_(want, p)
+            if divisor != 1:
+                want.div_(divisor)
+            got = codec.decode_sum_(torch.full((n,), 7.0), payloads, divisor)
+            assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (n, divisor)
+        # decode and decode_accumulate_ of chunked payloads agree with scattering the values
+        one = payloads[0]
+        d = codec.decode(one).reshape(-1)
+        acc = make((n,), seed=99)
+        want_acc = acc + d
+        codec.decode_accumulate_(acc, one)
+        assert torch.equal(acc.view(torch.int32), want_acc.view(torch.int32))
 
 
 def test_signsgd_signs_and_scales():

@@ -112,7 +112,7 @@ def test_quantize_half_inputs_bit_equal(dtype):
 @needs_cpp
 @pytest.mark.parametrize("bits,block", QUANT_CASES)
 def test_dequantize_and_accumulate_bit_equal(bits, block):
-    for n in SIZES:
+    for n in [*SIZES, (1 << 20) + 13]:
         x = torch.randn(n)
         codes, scales, _, _ = ops.quantize(x, bits, block)
         d_ref = ops.dequantize(codes, scales, n, bits, block, impl="torch")
@@ -226,6 +226,202 @@ def test_topk_chunked_bit_equal(chunk, ratio):
             assert torch.equal(a[1], b[1]), f"indices n={n}"
             if state is not None:
                 assert_bit_equal(a[2], b[2], f"residual n={n}")
+
+
+def _tie_inputs(n: int, g: torch.Generator) -> list[torch.Tensor]:
+    """Inputs that stress the selection: ties everywhere, zeros, +-0, a few distinct values."""
+    ints = torch.randint(-3, 4, (n,), generator=g).to(torch.float32)
+    signed_zeros = torch.zeros(n)
+    signed_zeros[::2] = -0.0
+    signed_zeros[::7] = 1.0
+    sparse = torch.zeros(n)
+    sparse[::97] = torch.randn(len(range(0, n, 97)), generator=g)
+    same = torch.full((n,), -2.5)
+    same[1::2] = 2.5
+    spiky = torch.randn(n, generator=g)
+    spiky[::5] = -1.25
+    spiky[3::11] = 1.25
+    return [ints, signed_zeros, sparse, same, spiky]
+
+
+@needs_cpp
+@pytest.mark.parametrize(
+    "chunk,ratio", [(4096, 64 / 4096), (4096, 0.01), (64, 0.05), (100, 0.3), (16, 0.5), (3, 1.0)]
+)
+def test_topk_chunked_ties_and_degenerate_inputs_bit_equal(chunk, ratio):
+    """The threshold-from-group-maxima path and its fallbacks select exactly the reference set
+    (ties to the lower index) on tie-heavy data, with and without error feedback."""
+    g = torch.Generator().manual_seed(chunk)
+    for n in (1, chunk - 1 or 1, chunk, chunk + 1, 3 * chunk + 17, 70_001):
+        kc = ops.k_of(ratio, chunk)
+        kl = ops.k_of(ratio, n - ((n - 1) // chunk) * chunk)
+        for i, x in enumerate(_tie_inputs(n, g)):
+            for state in (None, torch.zeros(n), torch.randn(n, generator=g) * 1e-3):
+                a = ops.topk_chunked(x, chunk, kc, kl, state=state, impl="torch")
+                b = ops.topk_chunked(x, chunk, kc, kl, state=state, impl="cpp")
+                what = f"n={n} input={i} state={state is not None}"
+                assert_bit_equal(a[0], b[0], f"values {what}")
+                assert torch.equal(a[1], b[1]), f"indices {what}"
+                if state is not None:
+                    assert_bit_equal(a[2], b[2], f"residual {what}")
+
+
+SPARSELOCO_CASES = [(4096, 64), (4096, 41), (64, 7), (100, 30), (7, 3), (16, 16), (65536, 655)]
+
+
+@needs_cpp
+@pytest.mark.parametrize("chunk,k_chunk", SPARSELOCO_CASES)
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_sparseloco_encode_bit_equal(chunk, k_chunk, stochastic):
+    g = torch.Generator().manual_seed(chunk + k_chunk)
+    for n in [n for n in SIZES if n] + [chunk, 2 * chunk + 1]:
+        kl = min(k_chunk, n - ((n - 1) // chunk) * chunk)
+        inputs = [torch.randn(n, generator=g), *_tie_inputs(n, g)[:2]]
+        inputs.append(torch.randn(n, generator=g).to(torch.bfloat16))
+        inputs.append(torch.randn(n, generator=g).to(torch.float16))
+        for i, x in enumerate(inputs):
+            for state in (None, torch.randn(n, generator=g) * 0.1):
+                kw = dict(stochastic=stochastic, seed=n + i, state=state)
+                a = ops.sparseloco_encode(x, chunk, k_chunk, kl, impl="torch", **kw)
+                b = ops.sparseloco_encode(x, chunk, k_chunk, kl, impl="cpp", **kw)
+                what = f"n={n} input={i} state={state is not None}"
+                assert torch.equal(a[0], b[0]), f"codes {what}"
+                assert torch.equal(a[1], b[1]), f"offsets {what}"
+                assert_bit_equal(a[2], b[2], f"scales {what}")
+                if state is not None:
+                    assert_bit_equal(a[3], b[3], f"residual {what}")
+                assert a[4] == b[4] == 0
+
+
+def test_sparseloco_reference_semantics():
+    # one chunk of 8, keep 4: |v| levels lo = 1, hi = 4; t = (|v| - 1) / 3 -> level t >= 0.5
+    x = torch.tensor([0.1, -4.0, 2.0, 0.0, 3.0, -1.0, 0.2, 0.3])
+    codes, offsets, scales, s_out, bad = ops.sparseloco_encode(
+        x, 8, 4, 4, state=torch.zeros(8), impl="torch"
+    )
+    assert bad == 0 and offsets.tolist() == [1, 2, 4, 5] and scales.tolist() == [1.0, 4.0]
+    # codes: -4 -> sign 1, hi (3); 2 -> lo (0: t = 1/3); 3 -> hi (2); -1 -> sign, lo (1)
+    assert codes.tolist() == [3 | (0 << 2) | (2 << 4) | (1 << 6)]
+    # residual p - D(C(p)): kept entries -4 - -4, 2 - 1, 3 - 4, -1 - -1; others p
+    assert s_out.tolist() == pytest.approx([0.1, 0.0, 1.0, 0.0, -1.0, 0.0, 0.2, 0.3])
+
+
+@needs_cpp
+@pytest.mark.parametrize("kind", ["topk", "sparseloco"])
+def test_chunked_sparse_sum_bit_equal(kind):
+    """Sum of several members' payloads, with and without accumulation and division, also
+    above the size where the kernel writes with streaming stores (and unaligned outputs)."""
+    g = torch.Generator().manual_seed(11)
+    for chunk, kc in ((4096, 64), (64, 5), (100, 7), (7, 2)):
+        for n in (1, chunk, chunk + 3, 50_001, (2 << 20) + 17):
+            kl = min(kc, n - ((n - 1) // chunk) * chunk)
+            payloads = []
+            for _ in range(3):
+                x = torch.randn(n, generator=g)
+                if kind == "topk":
+                    v, i, _, _ = ops.topk_chunked(x, chunk, kc, kl)
+                    payloads.append((v, i))
+                else:
+                    payloads.append(ops.sparseloco_encode(x, chunk, kc, kl)[:3])
+            for accumulate in (False, True):
+                for divisor in (1, 2, 3):
+                    for off in (0, 1):
+                        base = torch.randn(n + off, generator=g)
+                        outs = []
+                        for impl in ("torch", "cpp"):
+                            out = base.clone()[off:]
+                            ops.chunked_sparse_sum(
+                                out, payloads, chunk, kc, kl, accumulate=accumulate,
+                                divisor=divisor, impl=impl,
+                            )  # fmt: skip
+                            outs.append(out)
+                        assert_bit_equal(
+                            outs[0], outs[1], f"chunk={chunk} n={n} acc={accumulate} d={divisor}"
+                        )
+
+
+@needs_cpp
+@pytest.mark.parametrize("wire_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cast_encode_decode_bit_equal(wire_dtype, dtype):
+    """Casts into the wire dtype with error, scaled copy, inf/nan and overflow; sizes past the
+    streaming-store threshold, unaligned views."""
+    g = torch.Generator().manual_seed(5)
+    for n in [*SIZES, (3 << 20) + 5]:
+        for off in (0, 1) if n > 1000 else (0,):
+            x = (torch.randn(n + off, generator=g) * 100).to(dtype)[off:]
+            if n > 20:
+                x[3], x[7] = float("nan"), float("-inf")
+                x[9] = 70_000.0 if dtype != torch.float16 else 60_000.0  # fp16 overflow / fine
+            for with_state in (False, True):
+                state = torch.randn(n + off, generator=g)[off:] if with_state else None
+                outs = []
+                for impl in ("torch", "cpp"):
+                    wire = torch.empty(n + off, dtype=wire_dtype)[off:]
+                    err = torch.empty(n + off)[off:]
+                    scaled = torch.empty(n + off)[off:]
+                    bad = ops.cast_encode(
+                        x, wire, state=state, err=err, scaled=scaled, divisor=3, impl=impl
+                    )
+                    dec2 = ops.cast_decode(wire, torch.empty(n), 2, impl=impl)
+                    dec3 = ops.cast_decode(wire, torch.empty(n), 3, impl=impl)
+                    outs.append((bad, wire, err, scaled, dec2, dec3))
+                a, b = outs
+                what = f"n={n} off={off} state={with_state}"
+                assert a[0] == b[0], what
+                for i, name in enumerate(("wire", "err", "scaled", "dec2", "dec3"), start=1):
+                    assert_bit_equal(a[i], b[i], f"{name} {what}")
+
+
+@needs_cpp
+def test_cast_encode_scaled_in_place_and_counts():
+    x = torch.tensor([1.0, 2.0, float("inf"), 3.0] * 5)
+    wire = torch.empty(20, dtype=torch.bfloat16)
+    assert ops.cast_encode(x, wire) == 5
+    big = torch.full((33,), 3.4e38)  # finite, but rounds past the largest bfloat16: inf
+    assert ops.cast_encode(big, torch.empty(33, dtype=torch.bfloat16)) == 33
+    assert ops.cast_encode(big, torch.empty(33)) == 0
+    for impl in ("torch", "cpp"):
+        y = torch.arange(40, dtype=torch.float32)
+        backup = torch.empty(40)
+        assert ops.cast_encode(y, backup, scaled=y, divisor=4, impl=impl) == 0
+        assert torch.equal(backup, torch.arange(40, dtype=torch.float32))
+        assert torch.equal(y, torch.arange(40, dtype=torch.float32) / 4)
+
+
+@needs_cpp
+def test_lowrank_product_bit_equal():
+    g = torch.Generator().manual_seed(2)
+    for m, n, r in [(1, 1, 1), (3, 5, 2), (17, 33, 4), (100, 257, 3), (64, 1024, 1), (1500, 1600, 4)]:
+        p, q = torch.randn(m, r, generator=g), torch.randn(n, r, generator=g)
+        a = ops.lowrank_product(p, q, impl="torch")
+        b = ops.lowrank_product(p, q, impl="cpp")
+        assert_bit_equal(a, b, f"{m}x{n} r={r}")
+        assert torch.allclose(b, p @ q.t(), atol=1e-4)
+
+
+@needs_cpp
+def test_new_kernels_do_not_depend_on_thread_count():
+    n, chunk = 1_000_003, 4096
+    x, e = torch.randn(n), torch.randn(n) * 0.1
+    p, q = torch.randn(1000, 4), torch.randn(1001, 4)
+    old = torch.get_num_threads()
+    outs = []
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            sl = ops.sparseloco_encode(x, chunk, 64, 64, stochastic=True, seed=3, state=e)
+            tk = ops.topk_chunked(x, chunk, 41, 41, state=e)
+            wire, err = torch.empty(n, dtype=torch.bfloat16), torch.empty(n)
+            ops.cast_encode(x, wire, state=e, err=err)
+            total = ops.chunked_sparse_sum(torch.empty(n), [sl[:3], sl[:3]], chunk, 64, 64, divisor=3)
+            c8, s8, _, _ = ops.quantize(x, 2, 64)
+            dq = ops.dequantize(c8, s8, n, 2, 64)
+            outs.append([*sl[:4], *tk[:3], wire, err, total, dq, ops.lowrank_product(p, q)])
+    finally:
+        torch.set_num_threads(old)
+    for i, (a, b) in enumerate(zip(*outs)):
+        assert_bit_equal(a, b, f"output {i}")
 
 
 @pytest.mark.parametrize("impl", ["torch", "cpp"])
