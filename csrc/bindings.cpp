@@ -57,7 +57,9 @@ auto with_input(const at::Tensor& x, F&& f) {
 int64_t quantize(const at::Tensor& x, const std::optional<at::Tensor>& state,
                  const std::optional<at::Tensor>& state_out, at::Tensor& codes,
                  at::Tensor& scales, int64_t bits, int64_t block, bool stochastic, int64_t k0,
-                 int64_t k1, int64_t index_offset, bool propagate, int64_t mode) {
+                 int64_t k1, int64_t index_offset, bool propagate, int64_t mode,
+                 const std::optional<at::Tensor>& base_codes,
+                 const std::optional<at::Tensor>& base_scales) {
   TORCH_CHECK(bits == 8 || bits == 4 || bits == 2, "bits must be 8, 4 or 2");
   const int64_t n = x.numel();
   const int64_t per = 8 / bits;
@@ -80,6 +82,15 @@ int64_t quantize(const at::Tensor& x, const std::optional<at::Tensor>& state,
   qp.index_offset = static_cast<uint64_t>(index_offset);
   qp.propagate = propagate;
   qp.nthreads = at::get_num_threads();
+  TORCH_CHECK(base_codes.has_value() == base_scales.has_value(), "base codes and scales go together");
+  if (base_codes.has_value()) {
+    check_cpu(*base_codes, "base_codes");
+    TORCH_CHECK(base_codes->element_size() == 1 && base_codes->numel() == codes.numel(),
+                "base_codes must hold ", codes.numel(), " bytes");
+    check_f32(*base_scales, "base_scales", scales.numel());
+    qp.base_codes = static_cast<const uint8_t*>(base_codes->data_ptr());
+    qp.base_scales = base_scales->data_ptr<float>();
+  }
   auto* c = static_cast<uint8_t*>(codes.data_ptr());
   float* sc = scales.data_ptr<float>();
   return with_input(x, [&](auto* xp) {

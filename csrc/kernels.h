@@ -27,6 +27,10 @@ struct QuantParams {
   uint64_t index_offset = 0;  // RNG index of element 0 (lets a chunk match a slice)
   bool propagate = false;     // non-finite block -> NaN scale (else scale 0, caller raises)
   int nthreads = 1;
+  // Optional message of the same codec added to x first (ring hops): x + D(base) per element,
+  // base block k covering the same elements as output block k.
+  const uint8_t* base_codes = nullptr;
+  const float* base_scales = nullptr;
 };
 
 // Quantises n elements into `codes` (ceil(n / codes_per_byte) bytes, int8 two's complement for

@@ -303,6 +303,65 @@ inline float hsum_nan(vf v) {
   return v[0] + v[1];
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// 16 codes starting at a multiple of 16 elements, as int32 lanes: each lane gets its byte
+// (zero-extended), shifts its field to the top and back down arithmetically (sign extension).
+template <int Bits>
+inline __m512 unpack16(const uint8_t* src) {
+  __m512i q;
+  if constexpr (Bits == 8) {
+    q = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+  } else if constexpr (Bits == 4) {
+    const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src));
+    const __m512i w = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(b, b));  // b0 b0 b1 b1 ...
+    const __m512i shl = _mm512_setr_epi32(28, 24, 28, 24, 28, 24, 28, 24, 28, 24, 28, 24, 28,
+                                          24, 28, 24);
+    q = _mm512_srai_epi32(_mm512_sllv_epi32(w, shl), 28);
+  } else {
+    int32_t word;
+    std::memcpy(&word, src, 4);
+    const __m128i b = _mm_cvtsi32_si128(word);
+    const __m128i rep = _mm_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    const __m512i w = _mm512_cvtepu8_epi32(_mm_shuffle_epi8(b, rep));
+    const __m512i shl = _mm512_setr_epi32(30, 28, 26, 24, 30, 28, 26, 24, 30, 28, 26, 24, 30,
+                                          28, 26, 24);
+    q = _mm512_srai_epi32(_mm512_sllv_epi32(w, shl), 30);
+  }
+  return _mm512_cvtepi32_ps(q);
+}
+#endif
+
+// 16 decoded values D(base)[j .. j + 16) of a message in the same codec (ring hops: the
+// partial sum that arrived is added to this member's contribution before re-encoding).
+template <int Bits>
+inline vf base_vec(const uint8_t* codes, int64_t j, float scale) {
+  constexpr int per = 8 / Bits;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  const __m512 d = _mm512_mul_ps(unpack16<Bits>(codes + j / per), _mm512_set1_ps(scale));
+  vf v;
+  std::memcpy(&v, &d, sizeof(v));
+  return v;
+#else
+  int8_t q[W];
+  unpack_tile(codes, j, W, Bits, q);
+  vf v;
+  for (int l = 0; l < W; ++l) v[l] = static_cast<float>(q[l]) * scale;
+  return v;
+#endif
+}
+template <int Bits>
+inline float base_one(const uint8_t* codes, int64_t j, float scale) {
+  int q;
+  if constexpr (Bits == 8) {
+    q = static_cast<int8_t>(codes[j]);
+  } else {
+    constexpr int per = 8 / Bits;
+    const int sh = 8 - Bits - Bits * static_cast<int>(j % per);
+    q = static_cast<int8_t>(static_cast<uint8_t>(codes[j / per] << sh)) >> (8 - Bits);
+  }
+  return static_cast<float>(q) * scale;
+}
+
 template <typename T, QuantMode M, bool Stochastic, int Bits, bool NT>
 int64_t quantize_impl(const T* x, const float* s, float* s_out, int64_t n, uint8_t* codes,
                       float* scales, const QuantParams& qp) {
@@ -319,12 +378,38 @@ int64_t quantize_impl(const T* x, const float* s, float* s_out, int64_t n, uint8
     const int64_t start = b * B;
     const int64_t len = std::min(B, n - start);
     const int64_t vlen = len - len % W;  // vector part; the scalar tail is < W elements
+    // p = (x + D(base)) (+/- s): a ring hop adds the message that arrived (same codec and
+    // blocks) to its contribution in the same pass, as acc = x + D(msg) then p = acc + s.
+    const uint8_t* bc = qp.base_codes;
+    const float bscale = bc != nullptr ? qp.base_scales[b] : 0.0f;
+    const auto pv = [&](int64_t i) -> vf {
+      if (bc == nullptr) return pre_vec<T, M>(x, s, i);
+      const vf xv = load_vec<T>(x + i) + base_vec<Bits>(bc, i, bscale);
+      if constexpr (M == kQuantEF) {
+        return xv + load_vec<float>(s + i);
+      } else if constexpr (M == kQuantEF21) {
+        return xv - load_vec<float>(s + i);
+      } else {
+        return xv;
+      }
+    };
+    const auto ps = [&](int64_t i) -> float {
+      if (bc == nullptr) return pre<T, M>(x, s, i);
+      const float xv = static_cast<float>(x[i]) + base_one<Bits>(bc, i, bscale);
+      if constexpr (M == kQuantEF) {
+        return xv + s[i];
+      } else if constexpr (M == kQuantEF21) {
+        return xv - s[i];
+      } else {
+        return xv;
+      }
+    };
 
     // Pass 1: absmax, and p * 0 summed (NaN iff some p is inf or nan).
     vf mx = {}, nz = {};
     for (int64_t j = 0; j < vlen; j += W) {
       prefetch_ahead<T, M>(x, s, start + j, n);
-      const vf p = pre_vec<T, M>(x, s, start + j);
+      const vf p = pv(start + j);
       const vf a = vabs(p);
       mx = a > mx ? a : mx;
       nz += p * 0.0f;
@@ -332,7 +417,7 @@ int64_t quantize_impl(const T* x, const float* s, float* s_out, int64_t n, uint8
     float m = hmax(mx);
     float z = hsum_nan(nz);
     for (int64_t j = vlen; j < len; ++j) {
-      const float p = pre<T, M>(x, s, start + j);
+      const float p = ps(start + j);
       const float a = std::fabs(p);
       m = m < a ? a : m;
       z += p * 0.0f;
@@ -345,7 +430,7 @@ int64_t quantize_impl(const T* x, const float* s, float* s_out, int64_t n, uint8
       scales[b] = qp.propagate ? std::numeric_limits<float>::quiet_NaN() : 0.0f;
       std::memset(codes + start / per, 0, static_cast<size_t>((len + per - 1) / per));
       if constexpr (M == kQuantEF) {
-        for (int64_t i = start; i < start + len; ++i) s_out[i] = pre<T, M>(x, s, i);
+        for (int64_t i = start; i < start + len; ++i) s_out[i] = ps(i);
       } else if constexpr (M == kQuantEF21) {
         if (s_out != s) std::memcpy(s_out + start, s + start, sizeof(float) * len);
       }
@@ -373,7 +458,7 @@ int64_t quantize_impl(const T* x, const float* s, float* s_out, int64_t n, uint8
     if (vec_rng) {
       for (; j < vlen; j += W) {
         const int64_t i = start + j;
-        const vf p = pre_vec<T, M>(x, s, i);
+        const vf p = pv(i);
         const vf r = quant_vec<Stochastic>(p, inv, qmax, static_cast<uint32_t>(i0 + j), qp.k0,
                                            kh0);
         store_codes<Bits, NT>(r, cb + j / per);
@@ -390,7 +475,7 @@ int64_t quantize_impl(const T* x, const float* s, float* s_out, int64_t n, uint8
       const int64_t tl = std::min(kTile, len - t);
       for (int64_t jj = 0; jj < tl; ++jj) {
         const int64_t i = start + t + jj;
-        const float p = pre<T, M>(x, s, i);
+        const float p = ps(i);
         const float v = p * inv;
         float r;
         if constexpr (Stochastic) {
@@ -457,33 +542,6 @@ int64_t quantize_mode(const T* x, const float* s, float* s_out, int64_t n, uint8
   }
 }
 
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-// 16 codes starting at a multiple of 16 elements, as int32 lanes: each lane gets its byte
-// (zero-extended), shifts its field to the top and back down arithmetically (sign extension).
-template <int Bits>
-inline __m512 unpack16(const uint8_t* src) {
-  __m512i q;
-  if constexpr (Bits == 8) {
-    q = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
-  } else if constexpr (Bits == 4) {
-    const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src));
-    const __m512i w = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(b, b));  // b0 b0 b1 b1 ...
-    const __m512i shl = _mm512_setr_epi32(28, 24, 28, 24, 28, 24, 28, 24, 28, 24, 28, 24, 28,
-                                          24, 28, 24);
-    q = _mm512_srai_epi32(_mm512_sllv_epi32(w, shl), 28);
-  } else {
-    int32_t word;
-    std::memcpy(&word, src, 4);
-    const __m128i b = _mm_cvtsi32_si128(word);
-    const __m128i rep = _mm_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-    const __m512i w = _mm512_cvtepu8_epi32(_mm_shuffle_epi8(b, rep));
-    const __m512i shl = _mm512_setr_epi32(30, 28, 26, 24, 30, 28, 26, 24, 30, 28, 26, 24, 30,
-                                          28, 26, 24);
-    q = _mm512_srai_epi32(_mm512_sllv_epi32(w, shl), 30);
-  }
-  return _mm512_cvtepi32_ps(q);
-}
-#endif
 
 // out = q * scale (or out + q * scale) per block: one mul (and one add) per element, as the
 // reference. AVX-512: 16 codes per step straight from the packed bytes; otherwise codes are

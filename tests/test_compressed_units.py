@@ -79,6 +79,32 @@ def test_hop_messages_decode_to_exactly_the_codecs_own_encoding(codec, n):
     assert torch.allclose(acc, 1 + got)
 
 
+@pytest.mark.parametrize(
+    "codec",
+    [codecs.FP16(), codecs.FP8E4M3(), codecs.Int8(), codecs.Int4(rounding="stochastic"),
+     codecs.Int2(), codecs.Int8(block=20)],
+    ids=lambda c: f"{c.name}-{getattr(c, 'block', '')}",
+)  # fmt: skip
+@pytest.mark.parametrize("n", [1, 7, 1000, 4099, 70_001])
+def test_fused_hop_equals_decode_add_reencode(codec, n):
+    """A hop given the received message (one kernel pass for block quantisers) sends the bytes
+    and keeps the error of: acc = x + D(received); encode acc (+ state)."""
+    hop = HopCodec(codec)
+    gen = torch.Generator().manual_seed(n)
+    x, state = torch.randn(n, generator=gen), 0.1 * torch.randn(n, generator=gen)
+    received = torch.empty(hop.message_bytes(n), dtype=torch.uint8)
+    hop.encode(torch.randn(n, generator=gen), 0, 7, received)
+    for xin in (x, x.to(torch.bfloat16)):
+        fused, err = torch.zeros_like(received), torch.empty(n)  # zeros: padding compares
+        hop.encode(xin, 256, 5, fused, state=state, err=err, received=received)
+        acc = xin.to(torch.float32, copy=True)
+        hop.accumulate(acc, received)
+        two_step, err2 = torch.zeros_like(received), torch.empty(n)
+        hop.encode(acc, 256, 5, two_step, state=state, err=err2)
+        assert torch.equal(fused, two_step)
+        assert torch.equal(err.view(torch.int32), err2.view(torch.int32))
+
+
 def test_hop_refuses_codecs_that_do_not_sum():
     with pytest.raises(TypeError, match="does not sum"):
         HopCodec(codecs.TopK(0.1))

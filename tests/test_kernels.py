@@ -125,6 +125,29 @@ def test_dequantize_and_accumulate_bit_equal(bits, block):
 
 
 @needs_cpp
+@pytest.mark.parametrize("bits,block", QUANT_CASES)
+@pytest.mark.parametrize("mode", ["plain", "ef"])
+def test_quantize_with_base_message_bit_equal(bits, block, mode):
+    """The fused ring hop: quantise x + D(base) (+ EF state) in one pass, against the reference
+    and against the two-step dequantize-accumulate then quantize."""
+    g = torch.Generator().manual_seed(bits * 1000 + block)
+    for n in [n for n in SIZES if n] + [(1 << 20) + 64]:
+        base_codes, base_scales, _, _ = ops.quantize(torch.randn(n, generator=g), bits, block)
+        for dtype in (torch.float32, torch.float16):
+            x = torch.randn(n, generator=g).to(dtype)
+            state = torch.randn(n, generator=g) * 0.1 if mode == "ef" else None
+            kw = dict(mode=mode, state=state, stochastic=True, seed=9, index_offset=3 * block)
+            a = ops.quantize(x, bits, block, base=(base_codes, base_scales), impl="torch", **kw)
+            b = ops.quantize(x, bits, block, base=(base_codes, base_scales), impl="cpp", **kw)
+            acc = x.to(torch.float32, copy=True)
+            ops.dequantize_accumulate_(acc, base_codes, base_scales, bits, block)
+            c = ops.quantize(acc, bits, block, impl="cpp", **kw)
+            for i in range(2 if mode == "plain" else 3):
+                assert_bit_equal(a[i], b[i], f"part {i} n={n} {dtype}")
+                assert_bit_equal(b[i], c[i], f"two-step part {i} n={n} {dtype}")
+
+
+@needs_cpp
 def test_quantize_results_do_not_depend_on_thread_count():
     x = torch.randn(1_000_003)
     e = torch.randn(1_000_003) * 0.1

@@ -40,6 +40,11 @@ class HopCodec:
         self._metas: dict[int, dict[str, Any]] = {}
         self._zeros = torch.zeros(0, dtype=torch.float32)
 
+    @property
+    def fuses_hop(self) -> bool:
+        """encode(received=...) decodes, adds and re-encodes in one kernel pass."""
+        return self.fused
+
     def meta(self, numel: int) -> dict[str, Any]:
         """Payload metadata of a chunk of `numel` fp32 elements (cached per length)."""
         meta = self._metas.get(numel)
@@ -60,13 +65,21 @@ class HopCodec:
         out: torch.Tensor,
         state: torch.Tensor | None = None,
         err: torch.Tensor | None = None,
+        received: torch.Tensor | None = None,
     ) -> None:
         """Encode p = x (+ state) into `out`; if `err` is given write p - D(C(p)) into it.
 
         x: 1-D chunk (fp32/fp16/bf16); start: its offset in the whole tensor (for block and
         random-number indexing); state/err: fp32 chunks of the same length or None.
+        received: a message of the same chunk from the previous hop, added first: p = (x +
+        D(received)) (+ state) -- for block quantisers in the same kernel pass (`fuses_hop`).
         """
         n = x.numel()
+        if received is not None and not self.fuses_hop:
+            acc = x.to(torch.float32, copy=True)
+            self.accumulate(acc, received)
+            x = acc
+            received = None
         if self.fused:
             codec = self.codec
             assert isinstance(codec, BlockQuant)
@@ -83,6 +96,7 @@ class HopCodec:
                 state=state if err is not None else None,
                 state_out=err,
                 mode="ef" if err is not None else "plain",
+                base=None if received is None else tuple(self.payload(received, n).tensors),
             )
             if bad and codec.nonfinite == "raise":
                 codec._raise_bad(bad)

@@ -4,6 +4,7 @@ Schedule and ownership: ring_plan.py. Per message (chunk j, stage s), member r:
 
     s = 0           encode its own contribution x[seg]                     -> send right
     1 <= s <= W-1   wait for (j, s-1) from the left; acc = x[seg] + D(msg);  encode acc -> send
+                    (block quantisers: decode, add and re-encode in one kernel pass)
                     (at s = W-1 the encoding is the owner's final one: kept as the result bytes)
     s >= W          wait for (j, s-1): final bytes of another segment; keep them, forward them
 
@@ -123,14 +124,18 @@ class RingRequant:
                     with Timer(self.stats, "encode_seconds"):
                         self._encode(self.x[a:b], a, c, s, buf)
                 elif s <= w - 1:
-                    acc = acc_buf[: b - a]
-                    with Timer(self.stats, "decode_seconds"):
-                        acc.copy_(self.x[a:b])
-                        self.hop.accumulate(acc, received)
-                    self._put(received)
                     buf = self._get(self.hop.message_bytes(b - a))
-                    with Timer(self.stats, "encode_seconds"):
-                        self._encode(acc, a, c, s, buf)
+                    if self.hop.fuses_hop:  # x + D(received), re-encoded in one kernel pass
+                        with Timer(self.stats, "encode_seconds"):
+                            self._encode(self.x[a:b], a, c, s, buf, received)
+                    else:
+                        acc = acc_buf[: b - a]
+                        with Timer(self.stats, "decode_seconds"):
+                            acc.copy_(self.x[a:b])
+                            self.hop.accumulate(acc, received)
+                        with Timer(self.stats, "encode_seconds"):
+                            self._encode(acc, a, c, s, buf)
+                    self._put(received)
                     if s == w - 1:
                         self._finals[(c, j)] = buf
                 else:
@@ -161,12 +166,20 @@ class RingRequant:
             self._put(buf)
         return True
 
-    def _encode(self, chunk: torch.Tensor, start: int, segment: int, stage: int, out: torch.Tensor) -> None:
+    def _encode(
+        self,
+        chunk: torch.Tensor,
+        start: int,
+        segment: int,
+        stage: int,
+        out: torch.Tensor,
+        received: torch.Tensor | None = None,
+    ) -> None:
         end = start + chunk.numel()
         state = self.state[start:end] if self.state is not None else None
         err = self.err[start:end] if self.err is not None else None
         seed = derive_seed(self.seed, segment, stage)
-        self.hop.encode(chunk, start, seed, out, state=state, err=err)
+        self.hop.encode(chunk, start, seed, out, state=state, err=err, received=received)
 
     def _post_until(self, order: list[tuple[int, int]], limit: int) -> None:
         """Post receives from the left link, in issue order, up to message index `limit`."""

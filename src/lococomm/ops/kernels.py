@@ -86,6 +86,7 @@ def quantize(
     state: torch.Tensor | None = None,
     state_out: torch.Tensor | None = None,
     mode: str = "plain",
+    base: tuple[torch.Tensor, torch.Tensor] | None = None,
     impl: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
     """Block-absmax quantisation of x (any shape, read flat), optionally fused with EF.
@@ -96,7 +97,9 @@ def quantize(
     state_out = state + D(Q(p))). state_out may be `state` itself (in place) or None
     (allocated). Stochastic rounding draws element i's number from (seed, index_offset + i).
     Blocks holding inf/nan transmit nothing and are counted in bad_blocks (their scale is NaN
-    with propagate=True, else 0 and the caller should raise).
+    with propagate=True, else 0 and the caller should raise). ``base=(codes, scales)``, an
+    encoding of the same size, bits and block: x + D(base) is quantised instead of x (fused
+    ring hop: decode, add, re-encode in one pass).
     """
     _check_float(x, "x")
     _check_quant(bits, block)
@@ -114,11 +117,19 @@ def quantize(
         else:
             _check_state(state_out, n, x.device, "state_out")
     keys = ref.rng_keys(seed) if stochastic else (0, 0)
+    if base is not None:
+        bcodes, bscales = base
+        if bcodes.numel() != ref.packed_bytes(n, bits) or bcodes.element_size() != 1:
+            raise ValueError(f"base codes must hold {ref.packed_bytes(n, bits)} bytes")
+        if bscales.numel() != ref.num_blocks(n, block) or bscales.dtype != torch.float32:
+            raise ValueError(f"base scales must be {ref.num_blocks(n, block)} float32 values")
     which = _impl_for(flat, impl)
+    if which == "cuda" and base is not None:
+        which = "torch"  # the CUDA kernel has no fused base (ring hops run on the CPU)
     if which == "torch":
         codes, scales, s_new, bad = ref.quantize_blocks(
             flat, bits, block, stochastic=stochastic, keys=keys, index_offset=index_offset,
-            propagate=propagate, state=state, mode=m,
+            propagate=propagate, state=state, mode=m, base=base,
         )  # fmt: skip
         if m:
             state_out.view(-1).copy_(s_new)
@@ -127,8 +138,14 @@ def quantize(
     code_dtype = torch.int8 if bits == 8 else torch.uint8
     codes = torch.empty(ref.packed_bytes(n, bits), dtype=code_dtype, device=x.device)
     scales = torch.empty(ref.num_blocks(n, block), dtype=torch.float32, device=x.device)
-    mod = _build.get("cpu" if which == "cpp" else "cuda")
-    bad = mod.quantize(
+    if which == "cpp":
+        bc, bs = (base[0].contiguous(), base[1].contiguous()) if base is not None else (None, None)
+        bad = _build.get("cpu").quantize(
+            flat, state, state_out, codes, scales, bits, block, stochastic,
+            keys[0], keys[1], index_offset, propagate, m, bc, bs,
+        )  # fmt: skip
+        return codes, scales, state_out, int(bad)
+    bad = _build.get("cuda").quantize(
         flat, state, state_out, codes, scales, bits, block, stochastic,
         keys[0], keys[1], index_offset, propagate, m,
     )  # fmt: skip

@@ -126,11 +126,14 @@ def quantize_blocks(
     propagate: bool = False,
     state: torch.Tensor | None = None,
     mode: int = 0,
+    base: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
     """Block-absmax quantisation of flat x, optionally fused with an EF state update.
 
     mode 0: p = x.                 mode 1 (EF):   p = x + s, s_out = p - D(Q(p)).
     mode 2 (EF21): p = x - s, s_out = s + D(Q(p)).
+    base = (codes, scales) of the same bits and block: x is replaced by x + D(base) first
+    (a ring hop adding the message that arrived to its own contribution).
     A block holding inf/nan transmits nothing: codes 0, scale NaN (propagate) or 0, and the
     state keeps the untransmitted value (s_out = p for EF, s for EF21).
     Returns (codes, scales, s_out, number of non-finite blocks).
@@ -139,6 +142,8 @@ def quantize_blocks(
     qmax = qmax_of_bits(bits)
     nb = num_blocks(n, block)
     p = x.reshape(-1).to(torch.float32)
+    if base is not None:
+        p = p + dequantize_blocks(base[0], base[1], n, bits, block)
     if mode == 1:
         p = p + state.reshape(-1)
     elif mode == 2:
