@@ -46,8 +46,6 @@ TARGETS = {"diloco": (0.02, 50), "streaming": (0.03, 400), "sparseloco": (0.03, 
 
 def run_one(variant: str, seed: int, args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
     log_path = out_dir / f"{variant}_s{seed}.jsonl"
-    if log_path.exists():
-        log_path.unlink()
     cmd = [
         str(Path(sys.executable).with_name("lococomm")), "run", "--workers", str(args.workers),
         "--quiet", "--summary-json", str(out_dir / f"{variant}_s{seed}.summary.json"),
@@ -55,11 +53,20 @@ def run_one(variant: str, seed: int, args: argparse.Namespace, out_dir: Path) ->
         "--seed", str(seed), "--eval-every", str(args.eval_every),
         "--eval-batches", str(args.eval_batches), "--log-json", str(log_path),
     ]
-    started = time.monotonic()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    seconds = time.monotonic() - started
-    if proc.returncode != 0:
-        raise RuntimeError(f"{variant} seed {seed} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}")
+    for attempt in range(args.attempts):
+        if log_path.exists():
+            log_path.unlink()
+        started = time.monotonic()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        seconds = time.monotonic() - started
+        if proc.returncode == 0:
+            break
+        tail = f"{proc.stdout[-3000:]}\n{proc.stderr[-1000:]}"
+        if attempt + 1 == args.attempts:
+            raise RuntimeError(f"{variant} seed {seed} failed {args.attempts} times:\n{tail}")
+        print(json.dumps({"variant": variant, "seed": seed, "attempt": attempt, "failed": tail[-500:]}),
+              file=sys.stderr, flush=True)
+        time.sleep(30)
     rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
     final = rows[-1]
     if final["step"] != args.steps:
@@ -153,6 +160,8 @@ def main() -> None:
     parser.add_argument("--results", default=None, help="also write every run (JSON lines) here")
     parser.add_argument("--png", default=None, help="write the loss vs bytes / steps figure here")
     parser.add_argument("--reuse", action="store_true", help="load runs already in --results")
+    parser.add_argument("--attempts", type=int, default=3, help="tries per run (a run that fails "
+                        "to start, e.g. while the package is being edited, is retried)")
     args = parser.parse_args()
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

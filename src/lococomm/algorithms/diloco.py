@@ -254,6 +254,9 @@ class DiLoCo:
         self._control_epoch = -1  # epoch whose members are known to agree (see _start_exchange)
         self._bytes_start = int(manager.metrics.bytes_sent)
         self._bytes_mark = self._bytes_start
+        # Load (or build) the fused kernels now: a joiner that did it inside its first
+        # exchange would keep the whole group waiting.
+        ops.backend("cpu")
         if join:
             self.join()
 
