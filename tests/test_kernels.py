@@ -627,3 +627,21 @@ def test_concurrent_first_builds_compile_once(tmp_path):
     assert outs == ["cpp", "cpp"]
     builds = list((tmp_path / "cache").glob("cpu-*/*.so"))
     assert len(builds) == 1
+    assert builds[0].with_suffix(".ok").is_file()  # marked complete: later imports skip the lock
+
+
+def test_build_tag_changes_with_every_source_and_header(tmp_path):
+    """The JIT cache directory is named by a hash of every source and header: editing any of
+    them gives a new tag, so a stale build is never imported."""
+    src = _build.csrc_dir()
+    assert src is not None
+    copy = tmp_path / "csrc"
+    shutil.copytree(src, copy)
+    tag = _build._tag("cpu", copy, _build.CPU_SOURCES, _build.CPU_CFLAGS)
+    assert tag == _build._tag("cpu", src, _build.CPU_SOURCES, _build.CPU_CFLAGS)
+    for rel in (*_build.CPU_SOURCES, *_build.HEADERS):
+        f = copy / rel
+        original = f.read_bytes()
+        f.write_bytes(original + b"\n// edited\n")
+        assert _build._tag("cpu", copy, _build.CPU_SOURCES, _build.CPU_CFLAGS) != tag, rel
+        f.write_bytes(original)

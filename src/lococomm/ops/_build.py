@@ -8,7 +8,10 @@ Order of preference for the CPU kernels:
      the sources, compiler flags, torch and Python versions and the CPU model, so it compiles at
      most once per machine; later processes import the cached ``.so`` directly (milliseconds).
      Concurrent first builds (several test or worker processes) are serialised by an ``flock``
-     on the cache directory, which the kernel releases even if the builder dies;
+     on the cache directory, which the kernel releases even if the builder dies; the lock-free
+     fast path imports a ``.so`` only once its ``.ok`` marker exists (written after the build
+     and a successful import), never a file the linker is still writing. Any change to a
+     source or header (HEADERS below) changes the hash, hence a rebuild;
   3. otherwise the PyTorch reference in ``ops/reference.py``, after ONE warning per process.
 
 ``LOCOCOMM_OPS_BACKEND=torch`` skips the extensions entirely (no warning). The CUDA extension
@@ -39,6 +42,7 @@ ABI_VERSION = 3
 CPU_SOURCES = ("bindings.cpp", "quantize.cpp", "topk.cpp", "outer.cpp")
 CUDA_SOURCES = ("cuda_bindings.cpp", "cuda/quantize.cu")
 HEADERS = ("common.h", "kernels.h")
+CUDA_HEADERS = ("cuda/kernels_cuda.h",)
 # -ffp-contract=off: no FMA contraction, so every kernel rounds exactly like its torch reference.
 # -fno-math-errno / -fno-trapping-math never change a result; they only let loops vectorise.
 CPU_CFLAGS = (
@@ -98,7 +102,8 @@ def _cpu_fingerprint() -> str:
 
 def _tag(kind: str, src: Path, sources: tuple[str, ...], flags: tuple[str, ...]) -> str:
     h = hashlib.sha256()
-    for rel in sorted(sources + HEADERS):
+    headers = HEADERS if kind == "cpu" else HEADERS + CUDA_HEADERS
+    for rel in sorted(sources + headers):
         h.update(rel.encode())
         h.update((src / rel).read_bytes())
     h.update(
