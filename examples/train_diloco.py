@@ -9,7 +9,7 @@ is healed with the global parameters and continues at the group's inner step.
     lococomm run --workers 4 --chaos kill:1@8,join@14 examples/train_diloco.py --algo streaming
     lococomm run --workers 4 examples/train_diloco.py --algo sparseloco --log-json run.jsonl
 
-Chaos steps count manager steps, i.e. exchanges (one every sync_every / fragments inner steps),
+Chaos steps count manager steps, i.e. exchanges (about one every sync_every / fragments steps),
 not inner steps. `--log-json` writes one JSON line per evaluation (inner step, held-out loss of
 the global model, wire bytes this worker sent) from the evaluating replica.
 """

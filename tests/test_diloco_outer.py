@@ -47,6 +47,19 @@ def test_streaming_schedule_syncs_each_fragment_every_h_steps_in_turn():
         s.fragment_at(3)
 
 
+def test_uneven_streaming_schedule_staggers_as_evenly_as_h_allows():
+    s = Schedule(sync_every=50, fragments=4, overlap=2)
+    assert s.offsets == (12, 25, 37, 50) and s.period == 12
+    starts = [t for t in range(1, 151) if s.starts_at(t)]
+    assert starts == [12, 25, 37, 50, 62, 75, 87, 100, 112, 125, 137, 150]
+    assert [s.fragment_at(t) for t in starts] == [0, 1, 2, 3] * 3
+    assert [s.next_start(t) for t in (0, 11, 12, 49, 50, 51)] == [12, 12, 25, 50, 62, 62]
+    assert s.finish_at(25) == 27
+    delayed = Schedule(sync_every=50, fragments=4, delayed=True)
+    assert [delayed.finish_at(t) for t in (12, 25, 37, 50)] == [25, 37, 50, 62]
+    assert delayed.overlapped and not Schedule(50).overlapped
+
+
 def test_plain_schedule_is_one_fragment_every_h_steps():
     s = Schedule(50)
     assert [t for t in range(1, 201) if s.starts_at(t)] == [50, 100, 150, 200]
@@ -56,10 +69,11 @@ def test_plain_schedule_is_one_fragment_every_h_steps():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(sync_every=10, fragments=4), "multiple of fragments"),
+        (dict(sync_every=10, fragments=11), r"fragments must be an int in \[1, sync_every=10\]"),
+        (dict(sync_every=8, delayed=True, overlap=1), "delayed"),
         (dict(sync_every=8, fragments=4, overlap=3), r"overlap_steps must be an int in \[0, 2\]"),
         (dict(sync_every=0), "positive int"),
-        (dict(sync_every=8, fragments=0), "positive int"),
+        (dict(sync_every=8, fragments=0), "fragments must be"),
         (dict(sync_every=8, overlap=-1), "overlap_steps"),
     ],
 )
@@ -221,7 +235,7 @@ def _fake_manager():
         (dict(error_feedback=True), ValueError, "needs a codec"),
         (dict(codec="int4"), TypeError, "Codec"),
         (dict(codec=codecs.Int4(), error_feedback=ErrorFeedback(codecs.Int8())), ValueError, "wraps"),
-        (dict(fragments=3), ValueError, "multiple of fragments"),
+        (dict(fragments=11), ValueError, "fragments must be"),
         (dict(fragments=2, overlap_steps=6), ValueError, "overlap_steps"),
         (dict(outer_optimizer="sgd"), TypeError, "outer_optimizer"),
     ],

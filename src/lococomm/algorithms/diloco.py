@@ -19,12 +19,13 @@ Inner steps never talk to the manager. One exchange is one manager step:
 Variants (outer.py has the maths and the schedule):
 
 * plain DiLoCo: fragments=1, overlap_steps=0, mix=1 -- every H steps all parameters.
-* Streaming DiLoCo: fragments=P (layers striped over fragments), one fragment every H/P steps;
+* Streaming DiLoCo: fragments=P (layers striped over fragments), P staggered exchanges per H
+  steps (about one every H/P steps; each fragment every H);
   overlap_steps=tau lets inner training go on tau steps while the exchange is in flight, then
   L_f <- (1 - mix) L_f + mix G_f.  (`mix` is the weight of the global parameters: mix = 1
   replaces, as plain DiLoCo; the Streaming DiLoCo paper's alpha is 1 - mix.)
 * delayed=True (one-step-delayed outer update, PCCL async DiLoCo / CO2): the exchange of
-  round r runs during the next H/P inner steps and is applied at the next boundary, where the
+  round r runs until the next exchange starts (H/P inner steps) and is applied then, where the
   local progress made meanwhile is kept on top of the new global parameters
   (L_f <- G_f + (L_f - S_f), S_f the local parameters when the exchange was issued).
   staleness_penalty (CO2's gap penalty: the stale outer gradient is divided by it) and
@@ -181,10 +182,10 @@ class DiLoCo:
             factory `params -> torch.optim.Optimizer` (called per fragment with [G_f]).
         codec: a lococomm codec for the pseudo-gradients (None: exact fp32).
         error_feedback: None, True (classic ErrorFeedback on `codec`) or an EF object.
-        fragments: P (Streaming DiLoCo); sync_every must be a multiple of it.
-        overlap_steps: tau in [0, sync_every / fragments].
+        fragments: P (Streaming DiLoCo), at most sync_every.
+        overlap_steps: tau in [0, floor(sync_every / fragments)].
         mix: weight of the global parameters when merging an overlapped exchange, in (0, 1].
-        delayed: one-step-delayed outer updates (overlap = sync_every / fragments, rebase merge).
+        delayed: one-step-delayed outer updates (overlap until the next start, rebase merge).
         feedback_decay: beta of SparseLoCo's decayed error feedback, in (0, 1] (classic EF only).
         staleness_penalty: divide every outer gradient by this (>= 1; CO2's gap penalty).
         name: key of the replicated state and prefix of the collectives' names.
@@ -215,7 +216,7 @@ class DiLoCo:
         if not (isinstance(mix, int | float) and 0.0 < mix <= 1.0):
             raise ValueError(f"mix must be in (0, 1], got {mix!r}")
         if delayed and overlap_steps:
-            raise ValueError("delayed=True overlaps a whole period; leave overlap_steps at 0")
+            raise ValueError("delayed=True overlaps until the next exchange; leave overlap_steps at 0")
         if delayed and mix != 1.0:
             raise ValueError("delayed=True keeps local progress by rebasing; mix must stay 1.0")
         if not (math.isfinite(feedback_decay) and 0.0 < feedback_decay <= 1.0):
@@ -225,9 +226,7 @@ class DiLoCo:
         self.codec, self.error_feedback = _resolve_feedback(codec, error_feedback)
         if feedback_decay != 1.0 and not isinstance(self.error_feedback, ErrorFeedback):
             raise ValueError("feedback_decay needs classic error feedback (error_feedback=True)")
-        self.schedule = Schedule(sync_every, fragments, overlap_steps)
-        if delayed:
-            self.schedule = Schedule(sync_every, fragments, self.schedule.period)
+        self.schedule = Schedule(sync_every, fragments, overlap_steps, delayed=bool(delayed))
         self.mix = float(mix)
         self.delayed = bool(delayed)
         self.feedback_decay = float(feedback_decay)
@@ -404,14 +403,14 @@ class DiLoCo:
             return m.allreduce(delta, op="sum", async_op=async_op, name=key, codec=self.codec,
                                error_feedback=ef)
 
-        if self.codec is not None and self.schedule.overlap > 0:
+        if self.codec is not None and self.schedule.overlapped:
             handle: Any = _Background(lambda: exchange(False))
         else:
             handle = exchange(True)
         self._pending = _Exchange(
             fragment=fragment,
             clock=clock,
-            finish_at=clock + self.schedule.overlap,
+            finish_at=self.schedule.finish_at(clock),
             delta=delta,
             handle=handle,
             contributors=contributors,
@@ -420,7 +419,7 @@ class DiLoCo:
             snapshot=local if self.delayed else None,
             started=started,
         )
-        if self.schedule.overlap == 0:
+        if not self.schedule.overlapped:
             self._finish()
 
     def _finish(self) -> None:

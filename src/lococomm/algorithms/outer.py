@@ -7,10 +7,10 @@ Notation (per fragment f; all fp32, flat):
     Δ      pseudo-gradient sent by a worker: G - L at the moment the exchange is issued
     Δ̄      the members' mean of Δ (over the contributing members)
 
-Schedule: a fragment exchange starts after every `period = H / P` inner steps (clock t > 0,
-t % period == 0); the exchange started at clock t syncs fragment ((t / period) - 1) mod P and
-completes `overlap` inner steps later (0 <= overlap <= period, so at most one exchange is in
-flight). P = 1, overlap = 0 is plain DiLoCo (every fragment synced every H steps).
+Schedule: P staggered exchange starts per H inner steps (fragment p at clocks t > 0 with
+t mod H == floor((p + 1) H / P) mod H); each exchange completes `overlap` inner steps later
+(0 <= overlap <= floor(H / P), so at most one exchange is in flight), or at the next start
+(delayed). P = 1, overlap = 0 is plain DiLoCo (every parameter synced every H steps).
 
 Outer step (default, DiLoCo paper): SGD with Nesterov momentum on Δ̄,
 
@@ -49,46 +49,75 @@ _LAYER_INDEX = re.compile(r"^(.*?\.\d+)(?:\.|$)")
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Schedule:
-    """When fragments are exchanged and merged (clock = inner steps done so far)."""
+    """When fragments are exchanged and merged (clock = inner steps done so far).
+
+    Fragment p's exchanges start at the clocks t > 0 with t mod H == offset_p mod H, where
+    offset_p = floor((p + 1) H / P): P staggered starts per H steps, as evenly spaced as H
+    allows (H = 50, P = 4: 12, 25, 37, 50), so every fragment is exchanged every H steps.
+    An exchange completes `overlap` steps after it started, or with delayed=True at the next
+    start (the commit of one exchange and the start of the next happen at the same clock).
+    """
 
     sync_every: int  # H: inner steps between two exchanges of the same fragment
     fragments: int = 1  # P
     overlap: int = 0  # tau: inner steps between issuing an exchange and applying it
+    delayed: bool = False  # apply each exchange at the next start instead
 
     def __post_init__(self) -> None:
         if not isinstance(self.sync_every, int) or self.sync_every < 1:
             raise ValueError(f"sync_every must be a positive int, got {self.sync_every!r}")
-        if not isinstance(self.fragments, int) or self.fragments < 1:
-            raise ValueError(f"fragments must be a positive int, got {self.fragments!r}")
-        if self.sync_every % self.fragments:
+        if not isinstance(self.fragments, int) or not 1 <= self.fragments <= self.sync_every:
             raise ValueError(
-                f"sync_every ({self.sync_every}) must be a multiple of fragments "
-                f"({self.fragments}): one fragment is exchanged every sync_every/fragments steps"
+                f"fragments must be an int in [1, sync_every={self.sync_every}], got {self.fragments!r}"
             )
         if not isinstance(self.overlap, int) or not 0 <= self.overlap <= self.period:
             raise ValueError(
-                f"overlap_steps must be an int in [0, {self.period}] (sync_every/fragments), "
-                f"got {self.overlap!r}: at most one exchange may be in flight"
+                f"overlap_steps must be an int in [0, {self.period}] (the shortest gap between "
+                f"two exchanges), got {self.overlap!r}: at most one exchange may be in flight"
             )
+        if self.delayed and self.overlap:
+            raise ValueError("a delayed schedule overlaps until the next start; overlap must be 0")
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        """Start offsets in (0, H] of fragments 0..P-1 within every H steps."""
+        return tuple((p + 1) * self.sync_every // self.fragments for p in range(self.fragments))
 
     @property
     def period(self) -> int:
-        """Inner steps between two consecutive exchanges (of different fragments)."""
+        """The shortest gap between two consecutive exchange starts: floor(H / P)."""
         return self.sync_every // self.fragments
+
+    @property
+    def overlapped(self) -> bool:
+        """Do inner steps run while an exchange is in flight?"""
+        return self.delayed or self.overlap > 0
+
+    def _phase(self, clock: int) -> int:
+        return clock % self.sync_every or self.sync_every
 
     def starts_at(self, clock: int) -> bool:
         """Does an exchange start after `clock` inner steps?"""
-        return clock > 0 and clock % self.period == 0
+        return clock > 0 and self._phase(clock) in self.offsets
 
     def fragment_at(self, clock: int) -> int:
         """The fragment whose exchange starts at `clock` (a start clock)."""
         if not self.starts_at(clock):
-            raise ValueError(f"no exchange starts at clock {clock} (period {self.period})")
-        return (clock // self.period - 1) % self.fragments
+            raise ValueError(f"no exchange starts at clock {clock} (offsets {self.offsets} of {self.sync_every})")
+        return self.offsets.index(self._phase(clock))
 
     def next_start(self, clock: int) -> int:
         """The first start clock strictly after `clock`."""
-        return (clock // self.period + 1) * self.period
+        base = clock - self._phase(clock) if clock > 0 else -self.sync_every
+        for cycle in (base, base + self.sync_every):
+            for offset in self.offsets:
+                if cycle + offset > clock:
+                    return cycle + offset
+        raise AssertionError("unreachable: every cycle has P starts")
+
+    def finish_at(self, clock: int) -> int:
+        """The clock at which the exchange started at `clock` is committed and applied."""
+        return self.next_start(clock) if self.delayed else clock + self.overlap
 
 
 # ---------------------------------------------------------------------------------------------
