@@ -8,6 +8,8 @@ restart, leave). The long version (8 workers, 5000 steps) is marked slow:
 from __future__ import annotations
 
 import itertools
+import re
+from datetime import datetime
 import json
 import subprocess
 import sys
@@ -18,16 +20,30 @@ import pytest
 HERE = Path(__file__).resolve().parent
 
 
+def stall_log(log: str, start: float, length: float) -> str:
+    """The launcher and worker log lines written during a stall (wall-clock timestamps)."""
+    lines = []
+    for line in log.splitlines():
+        stamp = re.search(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3})", line)
+        if stamp is None:
+            continue
+        t = datetime.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S").timestamp() + int(stamp.group(2)) / 1e3
+        if start - 0.5 <= t <= start + length + 0.5:
+            lines.append(line[:400])
+    return "\n".join(lines[:200])
+
+
 def run_soak(tmp_path: Path, workers: int, steps: int, seed: int, rate: float, timeout: float) -> dict:
     summary_path = tmp_path / "summary.json"
     cmd = [
         str(Path(sys.executable).with_name("lococomm")), "run", "--workers", str(workers),
         "--chaos", f"random:rate={rate},seed={seed}", "--chaos-steps", str(steps),
-        "--heartbeat-timeout", "1", "--quiet", "--summary-json", str(summary_path),
+        "--heartbeat-timeout", "1", "--summary-json", str(summary_path),
         str(HERE / "heal_worker.py"), "--out", str(tmp_path / "{replica}.jsonl"),
         "--steps", str(steps), "--step-sleep", "0.01", "--parity-every", "25",
     ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    (tmp_path / "run.log").write_text(result.stdout + result.stderr)
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
     summary = json.loads(summary_path.read_text())
     by_step: dict[int, set[str]] = {}
@@ -54,8 +70,8 @@ def run_soak(tmp_path: Path, workers: int, steps: int, seed: int, rate: float, t
     # No hang beyond its bound: the job never stood still much longer than a hang detection
     # plus a quorum and a worker restart.
     times.sort()
-    worst = max(b - a for a, b in itertools.pairwise(times))
-    assert worst < 1.0 + 8.0, worst
+    worst, stall_start = max((b - a, a) for a, b in itertools.pairwise(times))
+    assert worst < 1.0 + 8.0, (worst, stall_log(result.stdout + result.stderr, stall_start, worst))
     assert all(e["mttr"] is not None and e["mttr"] < 10 for e in summary["events"]), summary["events"]
     return summary
 

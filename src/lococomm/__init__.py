@@ -1,6 +1,9 @@
 """lococomm: fault-tolerant, compressed, low-communication collectives for PyTorch training."""
 
+from lococomm import presets
 from lococomm.algorithms.data_parallel import DataParallel
+from lococomm.algorithms.diloco import DiLoCo
+from lococomm.algorithms.outer import OuterSGD
 from lococomm.algorithms.optimizer import Optimizer
 from lococomm.collectives.communicator import Handle
 from lococomm.compress import codecs
@@ -14,12 +17,15 @@ __all__ = [
     "Coordinator",
     "CoordinatorUnavailable",
     "DataParallel",
+    "DiLoCo",
     "Handle",
     "codecs",
     "Manager",
     "Optimizer",
+    "OuterSGD",
     "StepMetrics",
     "StepRetriesExhausted",
     "TorchRNG",
+    "presets",
 ]
 __version__ = "0.1.0"

@@ -157,6 +157,7 @@ class Manager:
         self._in_step = False
         self._failure: str | None = None
         self._early_voted = False
+        self._vote_generation: int | None = None
         self._signatures: list[str] = []
         self._signature_hash = hashlib.blake2b(digest_size=16)
         self._pending: list[Handle] = []
@@ -299,6 +300,7 @@ class Manager:
         self._in_step = True
         self._failure = None
         self._early_voted = False
+        self._vote_generation = None
         self._signatures = []
         self._signature_hash = hashlib.blake2b(digest_size=16)
         self._pending = []
@@ -344,6 +346,7 @@ class Manager:
         ctx = self._ctx
         assert ctx is not None
         key = (ctx.info.number, self._step)
+        generation = self._vote_generation
         if not self._early_voted:
             if self._failure is None and ctx.abort.aborted:
                 self._failure = f"aborted: {ctx.abort.reason}"
@@ -360,9 +363,10 @@ class Manager:
                 digest, per_tensor, self._digest_paths = self._state.digest()
                 vote["digest"] = digest
                 vote["tensor_digests"] = per_tensor[:_MAX_TENSOR_DIGESTS]
-            if not self._session.vote(vote):
+            generation = self._session.vote(vote)
+            if generation is None:
                 return self._step_failed("lost the coordinator before voting")
-        decision = self._session.wait_decision(key, self.timeout)
+        decision = self._session.wait_decision(key, self.timeout, generation)
         ctx.commits += 1
         if decision is None:
             return self._step_failed(self._failure or "no commit decision from the coordinator")
@@ -497,7 +501,7 @@ class Manager:
         log.warning("step %d failed: %s", self._step, reason)
         ctx = self._ctx
         if ctx is not None and self._in_step and not self._early_voted:
-            self._early_voted = self._session.vote(
+            self._vote_generation = self._session.vote(
                 {
                     "epoch": ctx.info.number,
                     "step": self._step,
@@ -507,6 +511,7 @@ class Manager:
                     "signatures": [],
                 }
             )
+            self._early_voted = self._vote_generation is not None
 
     # ------------------------------------------------------------------ internals
     def _comm_for(self, what: str) -> Communicator:

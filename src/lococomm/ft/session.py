@@ -85,14 +85,22 @@ class CoordinatorSession:
                     return str(decision.get("reason"))
         return None
 
-    def vote(self, message: dict[str, Any]) -> bool:
-        return self.client.send({"type": "vote", **message})
-
-    def wait_decision(self, key: tuple[int, int], timeout: float) -> dict[str, Any] | None:
-        """The coordinator's decision on (epoch, step), or None if it cannot be known (the
-        connection dropped). After `timeout` seconds our vote is withdrawn (the coordinator
-        then decides False unless it already decided)."""
+    def vote(self, message: dict[str, Any]) -> int | None:
+        """Send a commit vote; returns the connection generation it went out on (None if not
+        connected), to be passed to `wait_decision`."""
+        # Read before sending: if the connection is replaced after this point, the vote may
+        # have gone to a coordinator that died with it, and no decision will ever come.
         generation = self.client.generation
+        return generation if self.client.send({"type": "vote", **message}) else None
+
+    def wait_decision(
+        self, key: tuple[int, int], timeout: float, generation: int | None = None
+    ) -> dict[str, Any] | None:
+        """The coordinator's decision on (epoch, step), or None if it cannot be known (the
+        connection the vote went out on, `generation`, dropped). After `timeout` seconds our
+        vote is withdrawn (the coordinator then decides False unless it already decided)."""
+        if generation is None:
+            generation = self.client.generation
         deadline = time.monotonic() + timeout
         withdrawn = False
         with self._cond:
