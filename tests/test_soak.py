@@ -8,11 +8,11 @@ restart, leave). The long version (8 workers, 5000 steps) is marked slow:
 from __future__ import annotations
 
 import itertools
-import re
-from datetime import datetime
 import json
+import re
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import pytest

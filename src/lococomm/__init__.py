@@ -3,8 +3,8 @@
 from lococomm import presets
 from lococomm.algorithms.data_parallel import DataParallel
 from lococomm.algorithms.diloco import DiLoCo
-from lococomm.algorithms.outer import OuterSGD
 from lococomm.algorithms.optimizer import Optimizer
+from lococomm.algorithms.outer import OuterSGD
 from lococomm.collectives.communicator import Handle
 from lococomm.compress import codecs
 from lococomm.ft.manager import Manager, StepMetrics, StepRetriesExhausted
