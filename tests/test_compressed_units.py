@@ -126,6 +126,20 @@ def test_algorithm_choice():
     assert algorithm_for(codecs.FP16(), 1 << 20) == "ring"  # fp16 sums overflow; gloo's is slow
 
 
+def test_requested_algorithm_overrides_the_size_rule_or_says_why_not():
+    assert algorithm_for(codecs.Int4(), 100, requested="ring") == "ring"  # fewest bytes
+    assert algorithm_for(codecs.Int4(), 100, "ef", requested="ring") == "ring"
+    assert algorithm_for(codecs.Int8(), 1 << 20, requested="allgather") == "allgather"
+    assert algorithm_for(codecs.Identity(), 100, requested="ring") == "native"
+    assert algorithm_for(codecs.RandK(0.01), 100, requested="ring") == "randk"
+    with pytest.raises(ValueError, match="summable codec"):
+        algorithm_for(codecs.TopK(0.01), 1 << 20, requested="ring")
+    with pytest.raises(ValueError, match="ef21"):
+        algorithm_for(codecs.Int8(), 1 << 20, "ef21", requested="ring")
+    with pytest.raises(ValueError, match="algorithm must be one of"):
+        algorithm_for(codecs.Int8(), 1 << 20, requested="tree")
+
+
 def test_tensor_ids_come_from_names_or_positions():
     assert tensor_id("layer1", 3) == tensor_id("layer1", 7) != tensor_id("layer2", 3)
     assert tensor_id("", 3) == 3

@@ -12,6 +12,10 @@ import time
 import pytest
 import torch
 
+from lococomm.collectives.compressed import RING_CHUNK_ELEMENTS
+from lococomm.collectives.hop_codec import HopCodec
+from lococomm.collectives.ring_plan import plan_ring
+from lococomm.collectives.ring_requant import ring_bytes_sent
 from lococomm.compress import codecs
 from lococomm.compress.payload import buffer_bytes
 
@@ -30,15 +34,18 @@ def _payload_bytes(codec, numel: int) -> int:
 def expected_sync_bytes(variant: str, numel: int, world: int) -> int:
     """What one member sends in one exchange of a fragment of `numel` fp32 elements.
 
-    Exact: ring all-reduce, 2 (W-1)/W of the tensor. The compressed variants of these tiny
-    fragments (< 256 KiB) go through the payload all-gather: W-1 copies of the payload. (The
-    16-byte control all-gather only runs in the first exchange of an epoch that did not
-    bootstrap: never without failures.)
+    Exact: ring all-reduce, 2 (W-1)/W of the tensor. Int4 (summable): DiLoCo asks for the
+    re-quantising ring at any size, whose messages member 0 sends are counted from the ring
+    plan. SparseLoCo: the payload all-gather, W-1 copies of the payload. (The 16-byte control
+    all-gather only runs in the first exchange of an epoch that did not bootstrap: never
+    without failures.)
     """
     if variant in ("diloco", "delayed"):
         main = 2 * (world - 1) * numel * 4 // world
     elif variant == "streaming":
-        main = (world - 1) * _payload_bytes(codecs.Int4(), numel)
+        codec = codecs.Int4()
+        plan = plan_ring(numel, world, codec.align, RING_CHUNK_ELEMENTS)
+        main = ring_bytes_sent(HopCodec(codec), plan, rank=0)
     else:
         main = (world - 1) * _payload_bytes(codecs.SparseLoCo(ratio=1 / 16, chunk=256), numel)
     return main

@@ -75,22 +75,42 @@ RING_MIN_BYTES = 256 << 10  # smaller summable tensors: one all-gather beats 2 (
 RING_CHUNK_ELEMENTS = 1 << 21  # pipeline chunk of the ring (8 MiB of fp32)
 
 
-def algorithm_for(codec: Codec, numel: int, kind: str = "none") -> str:
+ALGORITHMS = ("auto", "ring", "allgather")
+
+
+def algorithm_for(codec: Codec, numel: int, kind: str = "none", requested: str = "auto") -> str:
     """Which algorithm moves `codec` payloads of a tensor of `numel` elements (pure).
 
     EF21/EControl (`kind`) need every member's error to be a contraction of its own
     contribution; in the ring a member's error is that of re-encoding a partial sum of up to
     W contributions (fine for classic EF, whose errors telescope, but EF21 with Int2 at W = 3
     diverged here), so with them summable codecs use the all-gather.
+
+    `requested`: "auto" picks by size (below RING_MIN_BYTES one all-gather has less latency
+    than 2 (W-1) hops); "ring" forces the ring for a summable codec of any size -- W/2 times
+    fewer bytes than the all-gather, what rare exchanges over slow links (DiLoCo) want;
+    "allgather" forces the all-gather (any codec but RandK/PowerSGD, which have their own).
     """
+    if requested not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {requested!r}")
     if isinstance(codec, RandK):
         return "randk"
     if isinstance(codec, PowerSGD):
         return "powersgd"
+    summable = getattr(codec, "summable", False)
+    if requested == "ring":
+        if not summable or kind not in ("none", "ef"):
+            raise ValueError(
+                f"algorithm='ring' needs a summable codec with no or classic error feedback; "
+                f"{codec.name} with {kind!r} error feedback cannot re-encode partial sums"
+            )
+        return "native" if native_wire_dtype(codec, kind) is not None else "ring"
+    if requested == "allgather":
+        return "allgather"
     if native_wire_dtype(codec, kind) is not None:
         return "native"
     ring_ok = kind in ("none", "ef") and numel * 4 >= RING_MIN_BYTES
-    if getattr(codec, "summable", False) and ring_ok:
+    if summable and ring_ok:
         return "ring"
     return "allgather"
 
@@ -120,11 +140,13 @@ def allreduce(
     index: int = 0,
     make_group: MakeGroup | None = None,
     on_stats: Callable[[CallStats], None] | None = None,
+    algorithm: str = "auto",
 ) -> Handle:
     """Compressed all-reduce of `tensor` in place; the handle's wait() returns success.
 
     step/index: the manager's committed step and this collective's position in the step
     (seeds, default EF key). make_group builds the ring's link groups (pair_groups.py).
+    algorithm: "auto", "ring" or "allgather" (see `algorithm_for`).
     The call runs to completion on the calling thread; the handle is already finished.
     """
     check_tensor(tensor, "allreduce")
@@ -142,7 +164,7 @@ def allreduce(
     if tensor.dtype not in INPUT_DTYPES:
         raise TypeError(f"compressed allreduce needs float32/float16/bfloat16, got {tensor.dtype}")
     numel = tensor.numel()
-    algorithm = algorithm_for(codec, numel, kind)
+    algorithm = algorithm_for(codec, numel, kind, algorithm)
     if comm.world_size == 1 or comm.pg is None:
         return Handle.completed(True)
     description = signature.describe("allreduce", f"{op},{codec.name}", name, tensor)

@@ -217,3 +217,14 @@ class RingRequant:
         self._live.clear()
         self.comm.fail(f"{self.description}: {err}")
         return False
+
+
+def ring_bytes_sent(hop: HopCodec, plan: RingPlan, rank: int) -> int:
+    """Bytes member `rank` sends in the ring of `plan` (pure): every (chunk, stage) message of
+    the segment it sends at that stage, empty chunks skipped, as `RingRequant.run` counts."""
+    total = 0
+    for j, s in plan.order():
+        a, b = plan.bounds(plan.sent_segment(rank, s), j)
+        if a != b:
+            total += hop.message_bytes(b - a)
+    return total

@@ -427,6 +427,7 @@ class Manager:
         verify: bool = True,
         codec: Any = None,
         error_feedback: Any = None,
+        algorithm: str = "auto",
     ) -> bool | Handle:
         """All-reduce of `tensor` in place over the epoch ("sum", "mean", "max", "min").
 
@@ -438,8 +439,12 @@ class Manager:
         docs/compressed_collectives.md); error_feedback (ErrorFeedback/EF21/EControl on the same
         codec) keeps state under the key `name`; commit() makes the staged state current if the
         step commits and rolls it back otherwise (calling ef.commit()/ef.rollback() yourself
-        afterwards is harmless). Compressed calls run on the calling thread.
+        afterwards is harmless). Compressed calls run on the calling thread. `algorithm`
+        ("auto", "ring", "allgather") overrides the size-based choice of a compressed call
+        ("ring": fewest bytes for a summable codec, e.g. rare exchanges over slow links).
         """
+        if algorithm not in compressed.ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {compressed.ALGORITHMS}, got {algorithm!r}")
         comm = self._comm_for("allreduce")
         if codec is None and error_feedback is None:
             handle = self._guard(lambda: exact.allreduce(comm, tensor, op, name, verify), False)
@@ -459,6 +464,7 @@ class Manager:
                 step=self._step, index=len(self._signatures),
                 make_group=lambda suffix, rank, size: self._groups.new_group(f"{prefix}/{suffix}", rank, size),
                 on_stats=lambda stats: accumulate_stats(self.metrics.compressed, stats),
+                algorithm=algorithm,
             ),
             False,
         )  # fmt: skip
