@@ -27,6 +27,7 @@ import torch.distributed as dist
 from lococomm.collectives import signature
 from lococomm.collectives.abort import done
 from lococomm.collectives.communicator import Communicator, Handle
+from lococomm.ops import _build, kernels
 
 REDUCE_OPS = {"sum": 1, "mean": 2, "max": 3, "min": 4}
 _TORCH_OPS = {
@@ -119,8 +120,26 @@ def allreduce_owned(
     return _allreduce_owned(comm, tensor, chunks, opts, scale, description, copy)
 
 
+def _kernel_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+    kernels.cast_encode(src, dst)  # same dtype: a bit-exact copy; the non-finite count is unused
+
+
+def _backup_copy(flat: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], object] | None:
+    """The fused kernels' streaming copy (~1.6x torch's copy_ here: it does not read the
+    destination into the cache) when the extension is already loaded; never builds it."""
+    if (
+        flat.device.type == "cpu"
+        and flat.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and _build.loaded("cpu") is not None
+    ):
+        return _kernel_copy
+    return None
+
+
 def _allreduce_owned(comm, tensor, chunks, opts, scale, description, copy=None) -> Handle:
     flat = tensor.view(-1)
+    if copy is None:
+        copy = _backup_copy(flat)
     backup = comm.pool.get(flat.numel(), flat.dtype, flat.device)
     works: list = []
     a = 0
@@ -173,11 +192,15 @@ def _allreduce_private(comm, tensor, chunks, opts, scale, description) -> Handle
     src = tensor.view(-1) if contiguous else None
     if not contiguous:
         buf.view(tensor.shape).copy_(tensor)
+    copy = _backup_copy(buf) if src is not None else None
     works: list = []
     try:
         for a, b in chunks:
             if src is not None:
-                buf[a:b].copy_(src[a:b])
+                if copy is not None:
+                    copy(buf[a:b], src[a:b])
+                else:
+                    buf[a:b].copy_(src[a:b])
             work = comm.pg.allreduce([buf[a:b]], opts)
             works.append(work)
     except Exception as e:
@@ -190,7 +213,10 @@ def _allreduce_private(comm, tensor, chunks, opts, scale, description) -> Handle
         if scale is not None:
             buf.div_(scale)
         if src is not None:
-            src.copy_(buf)
+            if copy is not None:
+                copy(src, buf)
+            else:
+                src.copy_(buf)
         else:
             tensor.copy_(buf.view(tensor.shape))
         comm.pool.put(buf)

@@ -37,6 +37,7 @@ from lococomm.ft.epoch import EpochGroups, EpochInfo
 from lococomm.ft.healing import Healer, HealError
 from lococomm.ft.session import CoordinatorSession
 from lococomm.ft.state import ReplicatedState
+from lococomm.ops import _build
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +169,10 @@ class Manager:
         self._bytes_retired = 0
         self.pool = BufferPool()
         self.graveyard = Graveyard()
+        if self.device.type == "cpu":
+            # The exact path backs tensors up with the kernels' streaming copy when they are
+            # loaded; load them now if that needs no compiler (a build never runs mid-step).
+            _build.load_if_built("cpu")
         self._session = CoordinatorSession(
             coordinator,
             self.replica_id,

@@ -158,9 +158,8 @@ def _ninja_on_path():
         os.environ["PATH"] = old
 
 
-def _jit(kind: str) -> ModuleType:
-    from torch.utils import cpp_extension
-
+def _jit_paths(kind: str) -> tuple[Path, str, Path, Path, Path]:
+    """(sources dir, module name, build dir, .so, .ok marker) of the JIT build for `kind`."""
     src = csrc_dir()
     if src is None:
         raise RuntimeError("kernel sources (csrc/) not found; set LOCOCOMM_CSRC")
@@ -169,10 +168,37 @@ def _jit(kind: str) -> ModuleType:
     tag = _tag(kind, src, sources, flags)
     name = f"lococomm_{kind}_{tag}"
     build = cache_root() / f"{kind}-{tag}"
-    so = build / f"{name}.so"
     # The linker writes the .so in place, so its mere existence does not mean it is complete:
     # a marker, written (atomically) by the builder after a successful build and import, does.
-    done = build / f"{name}.ok"
+    return src, name, build, build / f"{name}.so", build / f"{name}.ok"
+
+
+def loaded(kind: str) -> ModuleType | None:
+    """The extension if this process already loaded it (never builds or imports anything)."""
+    return _modules.get(kind)
+
+
+def load_if_built(kind: str = "cpu") -> ModuleType | None:
+    """Load the extension if that needs no compiler (ahead-of-time build, or a complete JIT
+    build in the cache); None otherwise. For hot paths that must never wait for a build."""
+    if forced_reference():
+        return None
+    if kind in _modules:
+        return _modules[kind]
+    if kind == "cpu" and importlib.util.find_spec("lococomm._C") is not None:
+        return get(kind)
+    try:
+        _, _, _, so, done = _jit_paths(kind)
+    except Exception:
+        return None
+    return get(kind) if done.is_file() and so.is_file() else None
+
+
+def _jit(kind: str) -> ModuleType:
+    from torch.utils import cpp_extension
+
+    src, name, build, so, done = _jit_paths(kind)
+    sources = CPU_SOURCES if kind == "cpu" else CUDA_SOURCES
     if done.is_file() and so.is_file():
         return _import_so(name, so)
     build.mkdir(parents=True, exist_ok=True)
