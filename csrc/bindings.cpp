@@ -349,6 +349,16 @@ void lowrank_product(const at::Tensor& p, const at::Tensor& q, at::Tensor& out) 
   lococomm::lowrank_product(pp, qp, o, m, n, r, nt);
 }
 
+// Returned as the signed bit pattern (Python ints are unbounded; the caller masks to 64 bits).
+int64_t checksum_bytes(const at::Tensor& data) {
+  TORCH_CHECK(data.device().is_cpu() && data.scalar_type() == at::kByte && data.is_contiguous(),
+              "checksum: data must be a contiguous uint8 CPU tensor");
+  const uint8_t* p = data.data_ptr<uint8_t>();
+  const int64_t n = data.numel();
+  pybind11::gil_scoped_release nogil;
+  return static_cast<int64_t>(lococomm::checksum(p, n));
+}
+
 at::Tensor rng(int64_t k0, int64_t k1, int64_t offset, int64_t n) {
   TORCH_CHECK(n >= 0, "n must be >= 0");
   at::Tensor out = at::empty({n}, at::kLong);
@@ -362,7 +372,7 @@ at::Tensor rng(int64_t k0, int64_t k1, int64_t offset, int64_t n) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "lococomm fused CPU kernels (see src/lococomm/ops for the torch references)";
   // Bumped whenever a binding's signature or semantics change; Python refuses a mismatch.
-  m.attr("ABI_VERSION") = 3;
+  m.attr("ABI_VERSION") = 4;
   m.def("quantize", &quantize, "block-absmax quantise (+ EF state update)");
   m.def("dequantize", &dequantize, "block dequantise (optionally += into out)");
   m.def("cast_encode", &cast_encode, "p = x (+ state) cast to the wire dtype (+ error)");
@@ -374,5 +384,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("nesterov_outer", &nesterov_outer, "fused DiLoCo SGD-Nesterov outer step");
   m.def("pseudo_gradient", &pseudo_gradient, "out = snapshot - local");
   m.def("lowrank_product", &lowrank_product, "out = P Q^T, fixed-order outer products");
+  m.def("checksum", &checksum_bytes, "multilinear 64-bit transfer checksum of a byte buffer");
   m.def("rng", &rng, "counter-based RNG words (tests)");
 }

@@ -130,4 +130,13 @@ inline bool exact_reciprocal(float d) {
 // Elements below which kernels stay on one thread (an OpenMP fork costs a few microseconds).
 constexpr int64_t kParallelGrain = 1 << 16;
 
+// Transfer checksum of a byte buffer (healing's per-chunk integrity check): a multilinear hash
+// over the buffer as little-endian 64-bit words (the last one zero-padded), all mod 2^64:
+//   h = sum_i w_i * key_i + nbytes * kChecksumLength,  key_i = ((i + 1) * kChecksumMul ^ kChecksumXor) | 1
+// Position-dependent (catches reordered or shifted chunks); reference: ops/reference.py checksum.
+constexpr uint64_t kChecksumMul = 0x9E3779B97F4A7C15ULL;
+constexpr uint64_t kChecksumXor = 0xD6E8FEB86659FD93ULL;
+constexpr uint64_t kChecksumLength = 0xC2B2AE3D27D4EB4FULL;
+uint64_t checksum(const uint8_t* data, int64_t nbytes);
+
 }  // namespace lococomm

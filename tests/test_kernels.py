@@ -645,3 +645,34 @@ def test_build_tag_changes_with_every_source_and_header(tmp_path):
         f.write_bytes(original + b"\n// edited\n")
         assert _build._tag("cpu", copy, _build.CPU_SOURCES, _build.CPU_CFLAGS) != tag, rel
         f.write_bytes(original)
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 31, 1000, 4097, (1 << 20) + 3])
+def test_checksum_kernel_equals_reference_and_sees_every_byte_and_position(n):
+    gen = torch.Generator().manual_seed(n)
+    data = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=gen)
+    value = ops.checksum(data, impl="torch")
+    assert 0 <= value < 1 << 64
+    if ops.backend() == "cpp":
+        assert ops.checksum(data, impl="cpp") == value
+        if n > 1:  # unaligned views (a slice starting mid-word)
+            assert ops.checksum(data[1:], impl="cpp") == ops.checksum(data[1:], impl="torch")
+    if n == 0:
+        return
+    for position in {0, n // 2, n - 1}:
+        flipped = data.clone()
+        flipped[position] ^= 1 << (position % 8)
+        assert ops.checksum(flipped, impl="torch") != value
+    if n >= 16:  # swapping two 8-byte words changes the sum (position-dependent keys)
+        swapped = data.clone()
+        swapped[:8], swapped[8:16] = data[8:16].clone(), data[:8].clone()
+        if not torch.equal(swapped, data):
+            assert ops.checksum(swapped, impl="torch") != value
+    assert ops.checksum(torch.cat([data, torch.zeros(1, dtype=torch.uint8)]), impl="torch") != value
+
+
+def test_checksum_rejects_non_bytes():
+    with pytest.raises(TypeError, match="uint8"):
+        ops.checksum(torch.zeros(4))
+    with pytest.raises(ValueError, match="impl"):
+        ops.checksum(torch.zeros(4, dtype=torch.uint8), impl="cuda")

@@ -12,7 +12,7 @@ names the sources and receivers, bystanders take no part):
    ({source} + receivers), straight from its tensors, and hashes each chunk while it travels.
    Receivers receive into a ring of private staging buffers (bounded memory; an abandoned
    receive can only ever write into a staging buffer), hash each chunk and copy it into place.
-3. Each source publishes its chunk checksums (CRC-32 + length); a receiver loads the state
+3. Each source publishes its chunk checksums (64-bit multilinear hash + length, `ops.checksum`); a receiver loads the state
    only if every chunk matches, and the first commit of the epoch compares full-state blake2b
    digests across members (bit-parity).
 
@@ -30,13 +30,13 @@ import json
 import logging
 import threading
 import time
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from lococomm import ops
 from lococomm.collectives.abort import AbortSignal
 from lococomm.collectives.communicator import Communicator
 from lococomm.ft.state import ReplicatedState, TensorSpec
@@ -118,10 +118,11 @@ def wait_key(store: Any, key: str, abort: AbortSignal, deadline: float) -> None:
 
 
 def chunk_digest(data: torch.Tensor) -> str:
-    """CRC-32 and length of one chunk's bytes: a transfer-integrity check (2.3 GB/s here, vs
-    ~1 GB/s for blake2b); the full-state blake2b digests are compared at the first commit."""
-    view = data if data.device.type == "cpu" else data.cpu()
-    return f"{zlib.crc32(memoryview(view.numpy())):08x}:{data.numel()}"
+    """64-bit multilinear checksum and length of one chunk's bytes: a transfer-integrity check
+    (`ops.checksum`, position-dependent; per 8 MiB chunk here 0.4 ms in C++, 0.6 ms in torch,
+    vs 1.6 ms for zlib.crc32 and ~8 ms for blake2b); the full-state blake2b digests are
+    compared at the first commit."""
+    return f"{ops.checksum(data):016x}:{data.numel()}"
 
 
 GroupFactory = Callable[[str, int, int], Any]  # (store suffix, rank, size) -> process group

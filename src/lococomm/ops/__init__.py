@@ -31,6 +31,7 @@ from .kernels import (
     backend,
     cast_decode,
     cast_encode,
+    checksum,
     chunked_counts,
     chunked_sparse_sum,
     dequantize,
@@ -48,6 +49,7 @@ from .reference import k_of, num_blocks, packed_bytes, rng_keys
 
 __all__ = [
     "FLOAT_DTYPES",
+    "checksum",
     "backend",
     "cast_decode",
     "cast_encode",

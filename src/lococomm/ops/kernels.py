@@ -524,3 +524,26 @@ def rng_u32(seed: int, offset: int, n: int, *, impl: str | None = None) -> torch
     if _build.get("cpu") is None:
         raise RuntimeError(f"cpp kernels unavailable: {_build.unavailable_reason('cpu')}")
     return _build.get("cpu").rng(keys[0], keys[1], offset, n)
+
+
+def checksum(data: torch.Tensor, *, impl: str | None = None) -> int:
+    """64-bit multilinear checksum of a byte buffer (healing's per-chunk transfer check),
+    in [0, 2^64); the C++ kernel and the torch reference give the same value.
+
+    impl=None never compiles anything (it runs inside a step, where a first build would stall
+    the group): the C++ kernel if the extension is loaded or built, else the torch reference
+    (which is itself faster than zlib.crc32 here)."""
+    if data.dtype != torch.uint8:
+        raise TypeError(f"checksum expects a uint8 tensor, got {data.dtype}")
+    if data.device.type != "cpu":
+        data = data.cpu()
+    if impl is None:
+        impl = "cpp" if _build.load_if_built("cpu") is not None else "torch"
+    elif impl not in ("torch", "cpp"):
+        raise ValueError(f"checksum impl must be 'torch' or 'cpp', got {impl!r}")
+    if impl == "torch":
+        return ref.checksum(data)
+    mod = _build.get("cpu")
+    if mod is None:
+        raise RuntimeError(f"cpp kernels unavailable: {_build.unavailable_reason('cpu')}")
+    return mod.checksum(data.reshape(-1).contiguous()) & ((1 << 64) - 1)

@@ -489,3 +489,50 @@ def k_of(ratio: float, n: int) -> int:
     if n <= 0:
         return 0
     return min(n, max(1, math.floor(ratio * n + 0.5)))
+
+
+_CHECKSUM_MUL = 0x9E3779B97F4A7C15
+_CHECKSUM_XOR = 0xD6E8FEB86659FD93
+_CHECKSUM_LENGTH = 0xC2B2AE3D27D4EB4F
+_MASK64 = (1 << 64) - 1
+_checksum_keys = torch.empty(0, dtype=torch.int64)
+
+
+def _signed64(value: int) -> int:
+    value &= _MASK64
+    return value - (1 << 64) if value >> 63 else value
+
+
+def _keys(count: int) -> torch.Tensor:
+    """key_i = ((i + 1) * MUL ^ XOR) | 1 mod 2^64 for i < count (int64 bit patterns, cached:
+    every chunk of a heal uses a prefix of the same keys)."""
+    global _checksum_keys
+    if _checksum_keys.numel() < count:
+        index = torch.arange(1, count + 1, dtype=torch.int64)
+        # int64 multiplication wraps mod 2^64 (two's complement), like the C++ uint64 one
+        keys = index * _signed64(_CHECKSUM_MUL)
+        keys ^= _signed64(_CHECKSUM_XOR)
+        keys |= 1
+        _checksum_keys = keys
+    return _checksum_keys[:count]
+
+
+def checksum(data: torch.Tensor) -> int:
+    """Multilinear 64-bit checksum of a contiguous uint8 buffer (see csrc/kernels.h):
+    h = sum_i w_i * key_i + nbytes * LENGTH mod 2^64 over little-endian 64-bit words w_i, the
+    last one zero-padded. Returns an int in [0, 2^64)."""
+    flat = data.reshape(-1)
+    n = flat.numel()
+    words = n // 8
+    h = 0
+    if words:
+        body = flat[: 8 * words]
+        if body.storage_offset() % 8:
+            body = body.clone()  # int64 views need 8-byte aligned storage offsets
+        w = body.view(torch.int64)
+        h = int((w * _keys(words)).sum())  # int64 products and sum wrap mod 2^64
+    tail = n - 8 * words
+    if tail:
+        last = int.from_bytes(bytes(flat[8 * words :].tolist()), "little")
+        h += last * (int(_keys(words + 1)[words]) & _MASK64)
+    return (h + n * _CHECKSUM_LENGTH) & _MASK64
