@@ -41,12 +41,14 @@ def test_joiner_state_bit_equal_after_heal(workers, coordinator_factory, tmp_pat
     firsts = {workers.records(n, "step")[0]["digest"] for n in ("w0", "w1", "w2")}
     assert len(firsts) == 1
     # ...and the joiner became bit-identical (digest at every commit and every tensor at the end).
-    joiner = workers.records("w3", "step")
+    # (Committed rows only: a member that misses a decision -- e.g. expelled for silence on an
+    # overloaded machine just after voting -- fails a step the others commit, and is healed.)
+    joiner = [r for r in workers.records("w3", "step") if r["committed"]]
     assert joiner[0]["step"] >= 15
     for row in joiner:
         others = {r["digest"] for n in ("w0", "w1", "w2") for r in workers.records(n, "step")
-                  if r["step"] == row["step"]}
-        assert others == {row["digest"]}, row["step"]
+                  if r["step"] == row["step"] and r["committed"]}
+        assert others == {row["digest"]}, (row, workers.stderr("w3")[-3000:])
     finals = [workers.records(n, "done")[0] for n in ("w0", "w1", "w2", "w3")]
     assert len({f["digest"] for f in finals}) == 1
     assert {f["counter"] for f in finals} == {60}  # non-tensor state travelled too
