@@ -121,17 +121,14 @@ def allreduce_owned(
 
 
 def _kernel_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
-    kernels.cast_encode(src, dst)  # same dtype: a bit-exact copy; the non-finite count is unused
+    kernels.cast_encode(src, dst)  # fp32 -> fp32 keeps every bit (NaN payloads too)
 
 
 def _backup_copy(flat: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], object] | None:
     """The fused kernels' streaming copy (~1.6x torch's copy_ here: it does not read the
-    destination into the cache) when the extension is already loaded; never builds it."""
-    if (
-        flat.device.type == "cpu"
-        and flat.dtype in (torch.float32, torch.bfloat16, torch.float16)
-        and _build.loaded("cpu") is not None
-    ):
+    destination into the cache) for fp32 when the extension is already loaded; never builds
+    it. (Not for bf16/fp16: the cast canonicalises NaN payloads, a restore must not.)"""
+    if flat.device.type == "cpu" and flat.dtype == torch.float32 and _build.loaded("cpu") is not None:
         return _kernel_copy
     return None
 
