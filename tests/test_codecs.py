@@ -26,6 +26,7 @@ ALL = [
     codecs.Int8(),
     codecs.Int4(),
     codecs.Int2(),
+    codecs.FP4E3M0(),
     codecs.Int8(block=64, rounding="stochastic"),
     codecs.Int4(rounding="stochastic"),
     codecs.SignSGD(),

@@ -12,7 +12,7 @@ diloco          fp32 pseudo-gradients every H steps, outer SGD lr 0.7, momentum 
 streaming       P = 4 fragments (layers striped), staggered (one every ~H/P steps), tau = 2
                 overlapped steps, merge mix 0.5 (alpha = 0.5), Int4 pseudo-gradients with error
                 feedback
-                (Douillard et al. 2025 use FP4 E3M0; Int4 block-absmax is our 4-bit codec)
+                (Douillard et al. 2025 use FP4 E3M0: pass codec=lc.codecs.FP4E3M0())
 delayed         one-step-delayed outer update: each exchange overlaps the next H inner steps
                 (PCCL async DiLoCo / CO2), local progress kept on top of the new global model
 sparseloco      chunked top-k (64 of 4096) with 2-bit values, error feedback decayed by 0.95,

@@ -9,6 +9,8 @@ FP8E4M3/E5M2   fp8 + fp32 scale per 128                   8.25
 Int8           int8 + fp32 scale per 256                  8.125
 Int4           packed int4 + fp32 scale per 128           4.25
 Int2           packed int2 + fp32 scale per 64            2.5
+FP4E3M0        packed 4-bit powers of two + fp32 scale    4.25
+               per 128 (Streaming DiLoCo's format)
 SignSGD        sign bits + fp32 mean-|x| per 256          1.125
 TopK(r)        fp32 values + int32 (or uint16 chunk) idx  64 r (48 r chunked)
 RandK(r)       fp32 values; indices from the seed         32 r
@@ -25,6 +27,7 @@ from typing import Any
 
 from .base import Codec
 from .choose import choose
+from .fp4 import FP4E3M0
 from .lowrank import PowerSGD
 from .quant import BF16, FP8E4M3, FP8E5M2, FP16, HAS_FP8, BlockQuant, Identity, Int2, Int4, Int8
 from .sign import SignSGD
@@ -33,7 +36,7 @@ from .sparse import RandK, SparseLoCo, TopK
 REGISTRY: dict[str, type[Codec]] = {
     cls.name: cls
     for cls in (
-        Identity, FP16, BF16, FP8E4M3, FP8E5M2, Int8, Int4, Int2,
+        Identity, FP16, BF16, FP8E4M3, FP8E5M2, Int8, Int4, Int2, FP4E3M0,
         SignSGD, TopK, RandK, SparseLoCo, PowerSGD,
     )
 }  # fmt: skip
@@ -50,6 +53,7 @@ def from_spec(spec: dict[str, Any]) -> Codec:
 
 __all__ = [
     "BF16",
+    "FP4E3M0",
     "FP8E4M3",
     "FP8E5M2",
     "FP16",
