@@ -28,6 +28,10 @@ def main() -> None:
     parser.add_argument("--extra-mb", type=float, default=0.0, help="extra replicated buffer")
     parser.add_argument("--step-sleep", type=float, default=0.0)
     parser.add_argument("--save", default="", help="torch.save the final state here")
+    parser.add_argument("--stop-after-member", default="", help="run until this replica has been "
+                        "a member for --extra-steps committed steps (instead of --steps; every "
+                        "member stops at the same step, whoever finishes its start-up last)")
+    parser.add_argument("--extra-steps", type=int, default=3)
     args = parser.parse_args()
     if not args.coordinator or not args.replica:
         parser.error("--coordinator/--replica (or LOCOCOMM_COORDINATOR/LOCOCOMM_REPLICA_ID) needed")
@@ -56,7 +60,10 @@ def main() -> None:
     out = open(args.out, "a", buffering=1)
     out.write(json.dumps({"event": "start", "pid": os.getpid(), "time": time.time()}) + "\n")
     corrupted = False
-    while manager.step < args.steps:
+    target = args.steps
+    if args.stop_after_member:
+        target = 10_000  # lowered at the first committed step with that member
+    while manager.step < target:
         manager.start_step()
         step = manager.step
         if step == args.kill_at:
@@ -78,6 +85,8 @@ def main() -> None:
                 offset += g.numel()
             optimizer.step()
             extra["counter"] += 1
+        if committed and args.stop_after_member in manager.members and target == 10_000:
+            target = manager.step + args.extra_steps
         if committed and step == args.corrupt_at and not corrupted:
             corrupted = True
             with torch.no_grad():

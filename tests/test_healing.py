@@ -59,7 +59,9 @@ def test_joiner_state_bit_equal_after_heal(workers, coordinator_factory, tmp_pat
 @pytest.mark.timeout(180)
 def test_source_killed_during_transfer_joiner_heals_from_another(workers, coordinator_factory):
     coordinator = coordinator_factory(heartbeat_timeout=2.0, initial_workers=3)
-    big = ("--extra-mb", "384", "--steps", "12", "--step-sleep", "0.05")
+    # Everyone runs until w3 has been a member for 3 steps: the joiner's start-up (torch import,
+    # 384 MB of state) may take longer than any fixed number of steps on a loaded machine.
+    big = ("--extra-mb", "384", "--stop-after-member", "w3", "--step-sleep", "0.05")
     for i in range(3):
         _heal_worker(workers, coordinator, f"w{i}", *big)
     workers.wait_for(lambda: len(workers.records("w0", "step")) >= 3, 90, "training")
