@@ -27,7 +27,6 @@ import torch.distributed as dist
 from lococomm.collectives import signature
 from lococomm.collectives.abort import done
 from lococomm.collectives.communicator import Communicator, Handle
-from lococomm.ops import _build, kernels
 
 REDUCE_OPS = {"sum": 1, "mean": 2, "max": 3, "min": 4}
 _TORCH_OPS = {
@@ -120,23 +119,8 @@ def allreduce_owned(
     return _allreduce_owned(comm, tensor, chunks, opts, scale, description, copy)
 
 
-def _kernel_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
-    kernels.cast_encode(src, dst)  # fp32 -> fp32 keeps every bit (NaN payloads too)
-
-
-def _backup_copy(flat: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], object] | None:
-    """The fused kernels' streaming copy (~1.6x torch's copy_ here: it does not read the
-    destination into the cache) for fp32 when the extension is already loaded; never builds
-    it. (Not for bf16/fp16: the cast canonicalises NaN payloads, a restore must not.)"""
-    if flat.device.type == "cpu" and flat.dtype == torch.float32 and _build.loaded("cpu") is not None:
-        return _kernel_copy
-    return None
-
-
 def _allreduce_owned(comm, tensor, chunks, opts, scale, description, copy=None) -> Handle:
     flat = tensor.view(-1)
-    if copy is None:
-        copy = _backup_copy(flat)
     backup = comm.pool.get(flat.numel(), flat.dtype, flat.device)
     works: list = []
     a = 0
@@ -189,15 +173,11 @@ def _allreduce_private(comm, tensor, chunks, opts, scale, description) -> Handle
     src = tensor.view(-1) if contiguous else None
     if not contiguous:
         buf.view(tensor.shape).copy_(tensor)
-    copy = _backup_copy(buf) if src is not None else None
     works: list = []
     try:
         for a, b in chunks:
             if src is not None:
-                if copy is not None:
-                    copy(buf[a:b], src[a:b])
-                else:
-                    buf[a:b].copy_(src[a:b])
+                buf[a:b].copy_(src[a:b])
             work = comm.pg.allreduce([buf[a:b]], opts)
             works.append(work)
     except Exception as e:
@@ -210,10 +190,7 @@ def _allreduce_private(comm, tensor, chunks, opts, scale, description) -> Handle
         if scale is not None:
             buf.div_(scale)
         if src is not None:
-            if copy is not None:
-                copy(src, buf)
-            else:
-                src.copy_(buf)
+            src.copy_(buf)
         else:
             tensor.copy_(buf.view(tensor.shape))
         comm.pool.put(buf)

@@ -170,8 +170,8 @@ class Manager:
         self.pool = BufferPool()
         self.graveyard = Graveyard()
         if self.device.type == "cpu":
-            # The exact path backs tensors up with the kernels' streaming copy when they are
-            # loaded; load them now if that needs no compiler (a build never runs mid-step).
+            # Healing checksums chunks with the C++ kernel when it is loaded: load it now if
+            # that needs no compiler (never a build, nor a first import, in the middle of a heal).
             _build.load_if_built("cpu")
         self._session = CoordinatorSession(
             coordinator,
