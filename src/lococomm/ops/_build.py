@@ -173,11 +173,6 @@ def _jit_paths(kind: str) -> tuple[Path, str, Path, Path, Path]:
     return src, name, build, build / f"{name}.so", build / f"{name}.ok"
 
 
-def loaded(kind: str) -> ModuleType | None:
-    """The extension if this process already loaded it (never builds or imports anything)."""
-    return _modules.get(kind)
-
-
 def load_if_built(kind: str = "cpu") -> ModuleType | None:
     """Load the extension if that needs no compiler (ahead-of-time build, or a complete JIT
     build in the cache); None otherwise. For hot paths that must never wait for a build."""
