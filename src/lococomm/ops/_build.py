@@ -180,8 +180,10 @@ def load_if_built(kind: str = "cpu") -> ModuleType | None:
         return None
     if kind in _modules:
         return _modules[kind]
-    if kind == "cpu" and importlib.util.find_spec("lococomm._C") is not None:
-        return get(kind)
+    if kind == "cpu":
+        with contextlib.suppress(ImportError):
+            if getattr(importlib.import_module("lococomm._C"), "ABI_VERSION", None) == ABI_VERSION:
+                return get(kind)
     try:
         _, _, _, so, done = _jit_paths(kind)
     except Exception:
