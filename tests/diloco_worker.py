@@ -60,6 +60,12 @@ def main() -> None:
     parser.add_argument("--kill-at", type=int, default=-1, help="SIGKILL itself at this inner step")
     parser.add_argument("--step-sleep", type=float, default=0.0)
     parser.add_argument("--save", default="")
+    parser.add_argument("--until-full", type=int, default=0, help="instead of --steps: run until "
+                        "the first committed exchange after --after-clock with this many members, "
+                        "all contributing, then --extra-steps more (the same inner step on every "
+                        "member, however long a restarted worker takes to come back)")
+    parser.add_argument("--after-clock", type=int, default=0)
+    parser.add_argument("--extra-steps", type=int, default=16)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s {args.replica} %(name)s: %(message)s")
@@ -81,7 +87,8 @@ def main() -> None:
     write({"event": "joined", "inner_step": diloco.inner_step, "syncs": diloco.syncs,
            "digest": manager.digest()})
     last = None
-    while diloco.inner_step < args.steps:
+    target = 2000 if args.until_full else args.steps
+    while diloco.inner_step < target:
         if diloco.inner_step == args.kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
         x, y = charlm.batch(train, CONTEXT, 8, seed=zlib.crc32(f"{args.replica}/{diloco.inner_step}".encode()))
@@ -95,6 +102,9 @@ def main() -> None:
             last = record
             write({"event": "sync", **record, "digest": manager.digest(), "loss": loss.item(),
                    "inner_step": diloco.inner_step})
+            full = record["committed"] and record["members"] == record["contributors"] == args.until_full
+            if args.until_full and target == 2000 and full and record["clock"] > args.after_clock:
+                target = record["clock"] + args.extra_steps
         if args.step_sleep:
             time.sleep(args.step_sleep)
     diloco.finish()

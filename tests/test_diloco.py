@@ -7,7 +7,6 @@ The workers (diloco_worker.py) train a tiny char-level transformer on stdlib tex
 from __future__ import annotations
 
 import signal
-import time
 
 import pytest
 import torch
@@ -89,14 +88,19 @@ def test_worker_killed_mid_exchange_rejoins_bit_identical(workers, coordinator_f
     applied nowhere; the restarted w1 joins a later exchange with weight 0, is healed with
     the global parameters and outer state, and all end bit-identical."""
     coordinator = coordinator_factory(heartbeat_timeout=2.0, initial_workers=3)
-    common = ("--variant", "streaming", "--steps", "160", "--sync-every", "8", "--fragments", "2",
-              "--overlap", "2", "--step-sleep", "0.03")
+    common = ("--variant", "streaming", "--until-full", "3", "--after-clock", "48", "--sync-every", "8",
+              "--fragments", "2", "--overlap", "2", "--step-sleep", "0.03")
     for i in range(3):
         extra = ("--kill-at", "49") if i == 1 else ()  # exchange issued at 48, applied at 50
         _start(workers, coordinator, f"w{i}", *common, *extra, "--save", str(tmp_path / f"w{i}.pt"))
     workers.wait_for(lambda: workers.procs["w1"].poll() is not None, 90, "w1 to kill itself")
     assert workers.procs["w1"].returncode == -signal.SIGKILL
-    time.sleep(0.5)
+    # Restart w1 only once the survivors committed an exchange without it (on a loaded machine
+    # a restart after a fixed delay may already be back before their next exchange).
+    workers.wait_for(
+        lambda: any(r["committed"] and r["members"] == 2 for r in workers.records("w0", "sync")),
+        90, "an exchange of the two survivors",
+    )  # fmt: skip
     _start(workers, coordinator, "w1", *common, "--save", str(tmp_path / "w1.pt"))
     for name in ("w0", "w1", "w2"):
         assert workers.wait_exit(name, 120) == 0, workers.dump()
