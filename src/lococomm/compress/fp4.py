@@ -53,18 +53,8 @@ class FP4E3M0(_BlockScaled):
     default_block = 128
 
     def _encode(self, tensor: torch.Tensor, seed: int, index_offset: int) -> Payload:
-        self._check_input(tensor)
-        flat = tensor.detach().reshape(-1).to(torch.float32)
-        n, b = flat.numel(), self.block
-        nb = ops.num_blocks(n, b)
-        padded = torch.zeros(nb * b, dtype=torch.float32, device=flat.device)
-        padded[:n] = flat
-        blocks = padded.view(nb, b)
-        finite = torch.isfinite(blocks).all(1)
-        bad = int((~finite).sum())
-        if bad and self.nonfinite == "raise":
-            self._raise_bad(bad)
-        absmax = blocks.abs().amax(1).masked_fill(~finite, 0.0)
+        flat, blocks, finite, absmax = self._finite_blocks(tensor)
+        n = flat.numel()
         scales = absmax.masked_fill(~finite, float("nan"))
         safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
         v = (blocks.abs() / safe[:, None]).masked_fill(~finite[:, None], 0.0).reshape(-1)[:n]

@@ -146,6 +146,25 @@ class _BlockScaled(_Dense):
         self.block = block
         self.rounding = rounding
 
+    def _finite_blocks(
+        self, tensor: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(flat fp32 input, zero-padded (blocks, block) view, per-block all-finite mask,
+        per-block absmax with 0 for non-finite blocks); raises on inf/nan when
+        nonfinite="raise". The torch-side start of the block-scaled float encoders."""
+        self._check_input(tensor)
+        flat = tensor.detach().reshape(-1).to(torch.float32)
+        n, b = flat.numel(), self.block
+        nb = ops.num_blocks(n, b)
+        padded = torch.zeros(nb * b, dtype=torch.float32, device=flat.device)
+        padded[:n] = flat
+        blocks = padded.view(nb, b)
+        finite = torch.isfinite(blocks).all(1)
+        bad = int((~finite).sum())
+        if bad and self.nonfinite == "raise":
+            self._raise_bad(bad)
+        return flat, blocks, finite, blocks.abs().amax(1).masked_fill(~finite, 0.0)
+
     @property
     def align(self) -> int:
         return self.block
@@ -280,18 +299,8 @@ class _FP8(_BlockScaled):
         self._max = float(torch.finfo(self._dtype).max)
 
     def _encode(self, tensor: torch.Tensor, seed: int, index_offset: int) -> Payload:
-        self._check_input(tensor)
-        flat = tensor.detach().reshape(-1).to(torch.float32)
-        n, b = flat.numel(), self.block
-        nb = ops.num_blocks(n, b)
-        padded = torch.zeros(nb * b, dtype=torch.float32, device=flat.device)
-        padded[:n] = flat
-        blocks = padded.view(nb, b)
-        finite = torch.isfinite(blocks).all(1)
-        bad = int((~finite).sum())
-        if bad and self.nonfinite == "raise":
-            self._raise_bad(bad)
-        absmax = blocks.abs().amax(1).masked_fill(~finite, 0.0)
+        flat, blocks, finite, absmax = self._finite_blocks(tensor)
+        n = flat.numel()
         top = torch.tensor(self._max, dtype=torch.float32, device=flat.device)
         scales = torch.div(absmax, top).masked_fill(~finite, float("nan"))
         safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
