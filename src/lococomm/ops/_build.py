@@ -59,6 +59,7 @@ _lock = threading.Lock()
 _modules: dict[str, ModuleType | None] = {}
 _reasons: dict[str, str] = {}
 _warned = False
+_not_prebuilt: set[str] = set()  # kinds load_if_built found neither prebuilt nor cached
 
 
 def forced_reference() -> bool:
@@ -180,6 +181,8 @@ def load_if_built(kind: str = "cpu") -> ModuleType | None:
         return None
     if kind in _modules:
         return _modules[kind]
+    if kind in _not_prebuilt:  # checked once: hashing the sources per call (per heal chunk) is waste
+        return None
     if kind == "cpu":
         with contextlib.suppress(ImportError):
             if getattr(importlib.import_module("lococomm._C"), "ABI_VERSION", None) == ABI_VERSION:
@@ -187,8 +190,11 @@ def load_if_built(kind: str = "cpu") -> ModuleType | None:
     try:
         _, _, _, so, done = _jit_paths(kind)
     except Exception:
-        return None
-    return get(kind) if done.is_file() and so.is_file() else None
+        so = done = None
+    if so is not None and done is not None and done.is_file() and so.is_file():
+        return get(kind)
+    _not_prebuilt.add(kind)  # a later get() that builds still lands in _modules, checked first
+    return None
 
 
 def _jit(kind: str) -> ModuleType:
