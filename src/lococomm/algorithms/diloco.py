@@ -71,6 +71,8 @@ from lococomm.algorithms.outer import (
     mix_,
     rebase_,
 )
+from lococomm.collectives.compressed import RING_EF_KINDS
+from lococomm.collectives.feedback import kind_of
 from lococomm.compress.base import Codec
 from lococomm.compress.error_feedback import EF21, EControl, ErrorFeedback
 
@@ -405,7 +407,7 @@ class DiLoCo:
         ring = (
             self.codec is not None
             and getattr(self.codec, "summable", False)
-            and (ef is None or type(ef) is ErrorFeedback)
+            and kind_of(ef) in RING_EF_KINDS
         )
 
         def exchange(async_op: bool) -> Any:

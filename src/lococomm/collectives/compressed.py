@@ -76,6 +76,7 @@ RING_CHUNK_ELEMENTS = 1 << 21  # pipeline chunk of the ring (8 MiB of fp32)
 
 
 ALGORITHMS = ("auto", "ring", "allgather")
+RING_EF_KINDS = ("none", "ef")  # EF kinds whose errors may come from re-encoded partial sums
 
 
 def algorithm_for(codec: Codec, numel: int, kind: str = "none", requested: str = "auto") -> str:
@@ -99,7 +100,7 @@ def algorithm_for(codec: Codec, numel: int, kind: str = "none", requested: str =
         return "powersgd"
     summable = getattr(codec, "summable", False)
     if requested == "ring":
-        if not summable or kind not in ("none", "ef"):
+        if not summable or kind not in RING_EF_KINDS:
             raise ValueError(
                 f"algorithm='ring' needs a summable codec with no or classic error feedback; "
                 f"{codec.name} with {kind!r} error feedback cannot re-encode partial sums"
@@ -109,7 +110,7 @@ def algorithm_for(codec: Codec, numel: int, kind: str = "none", requested: str =
         return "allgather"
     if native_wire_dtype(codec, kind) is not None:
         return "native"
-    ring_ok = kind in ("none", "ef") and numel * 4 >= RING_MIN_BYTES
+    ring_ok = kind in RING_EF_KINDS and numel * 4 >= RING_MIN_BYTES
     if summable and ring_ok:
         return "ring"
     return "allgather"
