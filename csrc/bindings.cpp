@@ -359,6 +359,21 @@ int64_t checksum_bytes(const at::Tensor& data) {
   return static_cast<int64_t>(lococomm::checksum(p, n));
 }
 
+int64_t checksum_copy_bytes(at::Tensor& dst, const at::Tensor& src) {
+  TORCH_CHECK(src.device().is_cpu() && src.scalar_type() == at::kByte && src.is_contiguous(),
+              "checksum_copy: src must be a contiguous uint8 CPU tensor");
+  TORCH_CHECK(dst.device().is_cpu() && dst.scalar_type() == at::kByte && dst.is_contiguous(),
+              "checksum_copy: dst must be a contiguous uint8 CPU tensor");
+  TORCH_CHECK(dst.numel() == src.numel(), "checksum_copy: dst has ", dst.numel(),
+              " bytes, src ", src.numel());
+  const uint8_t* s = src.data_ptr<uint8_t>();
+  uint8_t* d = dst.data_ptr<uint8_t>();
+  const int64_t n = src.numel();
+  TORCH_CHECK(d + n <= s || s + n <= d, "checksum_copy: dst and src overlap");
+  pybind11::gil_scoped_release nogil;
+  return static_cast<int64_t>(lococomm::checksum_copy(d, s, n));
+}
+
 at::Tensor rng(int64_t k0, int64_t k1, int64_t offset, int64_t n) {
   TORCH_CHECK(n >= 0, "n must be >= 0");
   at::Tensor out = at::empty({n}, at::kLong);
@@ -372,7 +387,7 @@ at::Tensor rng(int64_t k0, int64_t k1, int64_t offset, int64_t n) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "lococomm fused CPU kernels (see src/lococomm/ops for the torch references)";
   // Bumped whenever a binding's signature or semantics change; Python refuses a mismatch.
-  m.attr("ABI_VERSION") = 4;
+  m.attr("ABI_VERSION") = 5;
   m.def("quantize", &quantize, "block-absmax quantise (+ EF state update)");
   m.def("dequantize", &dequantize, "block dequantise (optionally += into out)");
   m.def("cast_encode", &cast_encode, "p = x (+ state) cast to the wire dtype (+ error)");
@@ -385,5 +400,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pseudo_gradient", &pseudo_gradient, "out = snapshot - local");
   m.def("lowrank_product", &lowrank_product, "out = P Q^T, fixed-order outer products");
   m.def("checksum", &checksum_bytes, "multilinear 64-bit transfer checksum of a byte buffer");
+  m.def("checksum_copy", &checksum_copy_bytes, "checksum of src while copying it into dst");
   m.def("rng", &rng, "counter-based RNG words (tests)");
 }

@@ -138,5 +138,7 @@ constexpr uint64_t kChecksumMul = 0x9E3779B97F4A7C15ULL;
 constexpr uint64_t kChecksumXor = 0xD6E8FEB86659FD93ULL;
 constexpr uint64_t kChecksumLength = 0xC2B2AE3D27D4EB4FULL;
 uint64_t checksum(const uint8_t* data, int64_t nbytes);
+// checksum(src) while copying src to dst (non-overlapping), in one pass over src.
+uint64_t checksum_copy(uint8_t* dst, const uint8_t* src, int64_t nbytes);
 
 }  // namespace lococomm

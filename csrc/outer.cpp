@@ -112,7 +112,12 @@ LOCOCOMM_INSTANTIATE_OUTER(c10::BFloat16)
 
 namespace lococomm {
 
-uint64_t checksum(const uint8_t* data, int64_t nbytes) {
+namespace {
+
+// One pass over `data`; with kCopy every word is also stored to `dst` (healing copies a staged
+// chunk into place while hashing it: the bytes are read once instead of twice).
+template <bool kCopy>
+uint64_t checksum_pass(const uint8_t* data, uint8_t* dst, int64_t nbytes) {
   const int64_t words = nbytes / 8;
   // Four independent accumulators: the multiplies pipeline (and vectorise) instead of waiting
   // on one sum; unsigned arithmetic wraps mod 2^64 by definition.
@@ -122,6 +127,7 @@ uint64_t checksum(const uint8_t* data, int64_t nbytes) {
     for (int l = 0; l < 4; ++l) {
       uint64_t w;
       std::memcpy(&w, data + 8 * (i + l), 8);  // unaligned-safe load
+      if constexpr (kCopy) std::memcpy(dst + 8 * (i + l), &w, 8);
       const uint64_t key = ((static_cast<uint64_t>(i + l + 1) * kChecksumMul) ^ kChecksumXor) | 1ULL;
       acc[l] += w * key;
     }
@@ -130,15 +136,27 @@ uint64_t checksum(const uint8_t* data, int64_t nbytes) {
   for (; i < words; ++i) {
     uint64_t w;
     std::memcpy(&w, data + 8 * i, 8);
+    if constexpr (kCopy) std::memcpy(dst + 8 * i, &w, 8);
     h += w * (((static_cast<uint64_t>(i + 1) * kChecksumMul) ^ kChecksumXor) | 1ULL);
   }
   const int64_t tail = nbytes - 8 * words;
   if (tail > 0) {
     uint64_t w = 0;
     std::memcpy(&w, data + 8 * words, static_cast<size_t>(tail));  // little-endian, zero-padded
+    if constexpr (kCopy) std::memcpy(dst + 8 * words, data + 8 * words, static_cast<size_t>(tail));
     h += w * (((static_cast<uint64_t>(words + 1) * kChecksumMul) ^ kChecksumXor) | 1ULL);
   }
   return h + static_cast<uint64_t>(nbytes) * kChecksumLength;
+}
+
+}  // namespace
+
+uint64_t checksum(const uint8_t* data, int64_t nbytes) {
+  return checksum_pass<false>(data, nullptr, nbytes);
+}
+
+uint64_t checksum_copy(uint8_t* dst, const uint8_t* src, int64_t nbytes) {
+  return checksum_pass<true>(src, dst, nbytes);
 }
 
 }  // namespace lococomm

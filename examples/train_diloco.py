@@ -105,7 +105,8 @@ def build_diloco(args, model, optimizer, manager) -> DiLoCo:
     sparse = args.algo == "sparseloco"
     if sparse:
         kwargs: dict[str, Any] = dict(ratio=args.topk_ratio, chunk=args.chunk, decay=args.decay,
-                                      lr=1.0 if args.outer_lr is None else args.outer_lr)
+                                      lr=1.0 if args.outer_lr is None else args.outer_lr,
+                                      momentum=args.outer_momentum or 0.0, nesterov=args.nesterov)
         if args.fragments:
             kwargs["fragments"] = args.fragments
         return presets.sparseloco(model, optimizer, manager, sync_every=args.sync_every, **kwargs)

@@ -671,6 +671,33 @@ def test_checksum_kernel_equals_reference_and_sees_every_byte_and_position(n):
     assert ops.checksum(torch.cat([data, torch.zeros(1, dtype=torch.uint8)]), impl="torch") != value
 
 
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 31, 33, 4099, (1 << 20) + 5])
+def test_checksum_copy_copies_every_byte_and_returns_the_checksum(n):
+    gen = torch.Generator().manual_seed(n + 1)
+    src = torch.randint(0, 256, (n + 3,), dtype=torch.uint8, generator=gen)
+    impls = ["torch", "cpp"] if ops.backend() == "cpp" else ["torch"]
+    for impl in impls:
+        for offset in (0, 3):  # aligned and mid-word source and destination
+            data = src[offset : offset + n]
+            dst_storage = torch.full((n + 5,), 0xAB, dtype=torch.uint8)
+            dst = dst_storage[offset + 1 : offset + 1 + n]
+            assert ops.checksum_copy(dst, data, impl=impl) == ops.checksum(data, impl="torch")
+            assert torch.equal(dst, data)
+            # bytes around the destination are untouched
+            assert int(dst_storage[offset]) == 0xAB and int(dst_storage[offset + 1 + n]) == 0xAB
+
+
+def test_checksum_copy_rejects_bad_arguments():
+    a = torch.zeros(8, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="8 bytes, src 7"):
+        ops.checksum_copy(a, a[:7])
+    with pytest.raises(TypeError, match="uint8"):
+        ops.checksum_copy(torch.zeros(2), torch.zeros(2))
+    if ops.backend() == "cpp":
+        with pytest.raises(RuntimeError, match="overlap"):
+            ops.checksum_copy(a[2:], a[:6], impl="cpp")
+
+
 def test_checksum_rejects_non_bytes():
     with pytest.raises(TypeError, match="uint8"):
         ops.checksum(torch.zeros(4))

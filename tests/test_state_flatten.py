@@ -79,3 +79,39 @@ def test_chunk_plan_covers_every_byte_once_and_packs_small_tensors():
         assert all(a == (ranges[i - 1][1] if i else 0) for i, (a, _) in enumerate(ranges))
     assert len(chunks) == 4  # 3 pieces of "big" + one packed chunk of the small ones
     assert plan_chunks(specs, 8 << 20) == chunks  # pure: the same on every member
+
+
+def test_optimizers_adopt_loaded_tensors_modules_and_dicts_do_not():
+    """Healing receives an optimizer's tensors into fresh memory because load_state_dict keeps
+    them (no copy): check that premise on the installed torch, and that modules and plain
+    dicts are received in place."""
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    state = ReplicatedState()
+    state.register("model", model)
+    state.register("opt", opt)
+    state.register("opt2", {"ema": torch.zeros(2)})
+    snap = state.snapshot()
+    adopts = {s.path: state.adopts_loaded_tensors(s.path) for s in snap.specs}
+    assert adopts["model.weight"] is False and adopts["opt2.ema"] is False
+    assert adopts["opt.state.0.exp_avg"] is True
+    fresh = [t.clone() for t in snap.tensors]
+    state.load(snap.skeleton, fresh)
+    loaded = {s.path: t for s, t in zip(snap.specs, fresh)}
+    exp_avg = opt.state[model.weight]["exp_avg"]
+    assert exp_avg.data_ptr() == loaded["opt.state.0.exp_avg"].data_ptr()  # adopted, not copied
+    assert model.weight.data_ptr() != loaded["model.weight"].data_ptr()  # copied into the param
+
+
+def test_chunk_digest_copy_copies_into_every_piece_and_hashes_the_chunk():
+    from lococomm.ft.healing import chunk_digest, chunk_digest_copy
+
+    staged = torch.randint(0, 256, (100,), dtype=torch.uint8)
+    a, b = torch.zeros(60, dtype=torch.uint8), torch.zeros(40, dtype=torch.uint8)
+    assert chunk_digest_copy(staged, [(a, 0), (b, 60)]) == chunk_digest(staged)
+    assert torch.equal(torch.cat([a, b]), staged)
+    whole = torch.zeros(100, dtype=torch.uint8)
+    assert chunk_digest_copy(staged, [(whole, 0)]) == chunk_digest(staged)
+    assert torch.equal(whole, staged)

@@ -10,8 +10,10 @@ names the sources and receivers, bystanders take no part):
    packed); chunk i comes from source i mod len(sources), so a large state is spread over
    every healthy source. Each source broadcasts its chunks in a small group of its own
    ({source} + receivers), straight from its tensors, and hashes each chunk while it travels.
-   Receivers receive into a ring of private staging buffers (bounded memory; an abandoned
-   receive can only ever write into a staging buffer), hash each chunk and copy it into place.
+   Receivers receive a chunk straight into its tensor when that tensor is fresh (allocated
+   for this heal, e.g. optimizer state, which the optimizer adopts on load); all other chunks
+   land in a ring of private staging buffers (bounded memory; an abandoned receive can never
+   write into live state) and are hashed while they are copied into place.
 3. Each source publishes its chunk checksums (64-bit multilinear hash + length, `ops.checksum`); a receiver loads the state
    only if every chunk matches, and the first commit of the epoch compares full-state blake2b
    digests across members (bit-parity).
@@ -125,6 +127,16 @@ def chunk_digest(data: torch.Tensor) -> str:
     return f"{ops.checksum(data):016x}:{data.numel()}"
 
 
+def chunk_digest_copy(staged: torch.Tensor, pieces: list[tuple[torch.Tensor, int]]) -> str:
+    """`chunk_digest(staged)` while copying staged[offset : offset + len(dst)] into each dst of
+    `pieces`: one pass over the staged bytes instead of two (`ops.checksum_copy`)."""
+    if len(pieces) == 1 and pieces[0][0].numel() == staged.numel():
+        return f"{ops.checksum_copy(pieces[0][0], staged):016x}:{staged.numel()}"
+    for dst, offset in pieces:
+        dst.copy_(staged[offset : offset + dst.numel()])
+    return chunk_digest(staged)
+
+
 GroupFactory = Callable[[str, int, int], Any]  # (store suffix, rank, size) -> process group
 
 
@@ -227,37 +239,56 @@ class Healer:
         t1 = time.monotonic()
         groups = self._build({f"heal/{s}": (my_rank, size) for s in sources})
         t2 = time.monotonic()
-        targets = self._targets(specs)
+        targets, fresh = self._targets(specs)
         chunks = plan_chunks(specs, meta["chunk_bytes"])
         # bool tensors travel as uint8 (one byte each) and are converted after the transfer.
         landing = [t.view(torch.uint8) if t.dtype == torch.bool else t for t in targets]
         views = [t.detach().reshape(-1).view(torch.uint8) for t in landing]
-        # Bounded memory: at most 2 * WINDOW chunks of staging however many sources there are.
+        # A chunk that is one piece of a fresh tensor (never seen by anyone until the state is
+        # loaded) is received straight into it; everything else lands in a private staging
+        # buffer first, so an abandoned receive can never write into live state.
+        direct = [
+            len(chunk) == 1 and fresh[chunk[0].tensor] and landing[chunk[0].tensor].device == self.comm.device
+            for chunk in chunks
+        ]
+        # Bounded memory: at most 2 * WINDOW chunks in flight and as many staging buffers,
+        # however many sources there are.
+        window = min(2 * WINDOW, max(1, len(chunks)))
         staging = [
             torch.empty(meta["chunk_bytes"], dtype=torch.uint8, device=self.comm.device)
-            for _ in range(min(2 * WINDOW, max(1, len(chunks))))
+            for _ in range(min(window, sum(not d for d in direct)))
         ]
         opts = _root_zero()
         free = list(range(len(staging)))
         received: dict[str, str] = {}
-        in_flight: list[tuple[Any, int, int]] = []  # (work, chunk index, staging slot)
+        in_flight: list[tuple[Any, int, int, torch.Tensor]] = []  # (work, chunk, slot or -1, buffer)
         next_chunk = 0
         while next_chunk < len(chunks) or in_flight:
-            while free and next_chunk < len(chunks):
-                slot = free.pop()
-                buf = staging[slot][: chunk_nbytes(chunks[next_chunk])]
+            while len(in_flight) < window and next_chunk < len(chunks):
+                if direct[next_chunk]:
+                    seg = chunks[next_chunk][0]
+                    slot, buf = -1, views[seg.tensor][seg.start : seg.end]
+                elif free:
+                    slot = free.pop()
+                    buf = staging[slot][: chunk_nbytes(chunks[next_chunk])]
+                else:
+                    break
                 group = groups[f"heal/{sources[next_chunk % len(sources)]}"]
-                in_flight.append((group.broadcast([buf], opts), next_chunk, slot))
+                in_flight.append((group.broadcast([buf], opts), next_chunk, slot, buf))
                 next_chunk += 1
-            work, index, slot = in_flight.pop(0)
-            self._wait([(work, staging[slot])], pending=[(w, staging[s]) for w, _, s in in_flight])
-            nbytes = chunk_nbytes(chunks[index])
-            received[str(index)] = chunk_digest(staging[slot][:nbytes])
+            work, index, slot, buf = in_flight.pop(0)
+            self._wait([(work, buf)], pending=[(w, b) for w, _, _, b in in_flight])
+            if slot < 0:
+                received[str(index)] = chunk_digest(buf)
+                self.bytes_moved += buf.numel()
+                continue
             offset = 0
+            pieces = []
             for seg in chunks[index]:
                 n = seg.end - seg.start
-                views[seg.tensor][seg.start : seg.end].copy_(staging[slot][offset : offset + n])
+                pieces.append((views[seg.tensor][seg.start : seg.end], offset))
                 offset += n
+            received[str(index)] = chunk_digest_copy(buf, pieces)
             self.bytes_moved += offset
             free.append(slot)
         t3 = time.monotonic()
@@ -309,12 +340,16 @@ class Healer:
             raise HealError(f"heal group rendezvous failed: {errors[0]}")
         return results
 
-    def _targets(self, specs: list[TensorSpec]) -> list[torch.Tensor]:
-        """Receive into this worker's own tensors where they match (no extra copy of a model),
-        else into fresh ones (e.g. optimizer state a joiner has not created yet)."""
+    def _targets(self, specs: list[TensorSpec]) -> tuple[list[torch.Tensor], list[bool]]:
+        """Where each tensor is received, and whether that tensor is fresh.
+
+        This worker's own tensors are written in place where they match (no extra copy of a
+        model); tensors it lacks (e.g. optimizer state a joiner has not created yet) and those
+        of objects that adopt loaded tensors (optimizers) are received into fresh memory."""
         own = self.state.snapshot()
         live = {s.path: t for s, t in zip(own.specs, own.tensors)}
-        targets = []
+        targets: list[torch.Tensor] = []
+        fresh: list[bool] = []
         for spec in specs:
             dtype = getattr(torch, spec.dtype)
             current = live.get(spec.path)
@@ -323,12 +358,15 @@ class Healer:
                 and current.dtype == dtype
                 and tuple(current.shape) == spec.shape
                 and current.is_contiguous()
+                and not self.state.adopts_loaded_tensors(spec.path)
             ):
                 targets.append(current)
+                fresh.append(False)
             else:
                 device = self.comm.device if spec.device_type != "cpu" else torch.device("cpu")
                 targets.append(torch.empty(spec.shape, dtype=dtype, device=device))
-        return targets
+                fresh.append(True)
+        return targets, fresh
 
     def _on_comm_device(self, data: torch.Tensor) -> torch.Tensor:
         if data.device != self.comm.device:

@@ -166,6 +166,17 @@ class ReplicatedState:
         }
         return Snapshot(skeleton, tensors, specs)
 
+    def adopts_loaded_tensors(self, path: str) -> bool:
+        """True if the object owning the flattened `path` keeps the tensors it is loaded with
+        (a torch optimizer: its load_state_dict stores them, with no copy when dtype and
+        device match). Healing receives such tensors into fresh memory, which then becomes the
+        state. Modules copy into their parameters; plain dicts are loaded in place, so a caller
+        holding one of their tensors keeps seeing the live values: both are received in place."""
+        for name, obj in self._objects.items():
+            if path == name or path.startswith((f"{name}.", f"{name}[")):
+                return isinstance(obj, torch.optim.Optimizer)
+        return False
+
     def load(self, skeleton: dict[str, Any], tensors: list[torch.Tensor]) -> None:
         if sorted(skeleton) != sorted(self._objects):
             raise ValueError(

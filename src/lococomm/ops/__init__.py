@@ -32,6 +32,7 @@ from .kernels import (
     cast_decode,
     cast_encode,
     checksum,
+    checksum_copy,
     chunked_counts,
     chunked_sparse_sum,
     dequantize,
@@ -50,6 +51,7 @@ from .reference import k_of, num_blocks, packed_bytes, rng_keys
 __all__ = [
     "FLOAT_DTYPES",
     "checksum",
+    "checksum_copy",
     "backend",
     "cast_decode",
     "cast_encode",

@@ -547,3 +547,25 @@ def checksum(data: torch.Tensor, *, impl: str | None = None) -> int:
     if mod is None:
         raise RuntimeError(f"cpp kernels unavailable: {_build.unavailable_reason('cpu')}")
     return mod.checksum(data.reshape(-1).contiguous()) & ((1 << 64) - 1)
+
+
+def checksum_copy(dst: torch.Tensor, src: torch.Tensor, *, impl: str | None = None) -> int:
+    """`checksum(src)` while copying `src` into `dst` (same number of bytes, no overlap): one
+    pass over the bytes instead of a copy and a hash (healing's staged chunks). Like
+    `checksum`, impl=None never compiles anything."""
+    for what, t in (("dst", dst), ("src", src)):
+        if t.dtype != torch.uint8:
+            raise TypeError(f"checksum_copy expects uint8 tensors, {what} is {t.dtype}")
+    if dst.numel() != src.numel():
+        raise ValueError(f"checksum_copy: dst has {dst.numel()} bytes, src {src.numel()}")
+    if impl is None:
+        usable = src.device.type == "cpu" and dst.device.type == "cpu" and dst.is_contiguous()
+        impl = "cpp" if usable and _build.load_if_built("cpu") is not None else "torch"
+    elif impl not in ("torch", "cpp"):
+        raise ValueError(f"checksum_copy impl must be 'torch' or 'cpp', got {impl!r}")
+    if impl == "torch":
+        return ref.checksum_copy(dst, src)
+    mod = _build.get("cpu")
+    if mod is None:
+        raise RuntimeError(f"cpp kernels unavailable: {_build.unavailable_reason('cpu')}")
+    return mod.checksum_copy(dst, src.reshape(-1).contiguous()) & ((1 << 64) - 1)

@@ -536,3 +536,9 @@ def checksum(data: torch.Tensor) -> int:
         last = int.from_bytes(bytes(flat[8 * words :].tolist()), "little")
         h += last * (int(_keys(words + 1)[words]) & _MASK64)
     return (h + n * _CHECKSUM_LENGTH) & _MASK64
+
+
+def checksum_copy(dst: torch.Tensor, src: torch.Tensor) -> int:
+    """Reference of the fused kernel: copy src into dst, return checksum(src)."""
+    dst.copy_(src)
+    return checksum(src)
