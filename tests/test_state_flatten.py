@@ -81,28 +81,44 @@ def test_chunk_plan_covers_every_byte_once_and_packs_small_tensors():
     assert plan_chunks(specs, 8 << 20) == chunks  # pure: the same on every member
 
 
-def test_optimizers_adopt_loaded_tensors_modules_and_dicts_do_not():
-    """Healing receives an optimizer's tensors into fresh memory because load_state_dict keeps
-    them (no copy): check that premise on the installed torch, and that modules and plain
-    dicts are received in place."""
+def test_heal_targets_receive_owned_tensors_in_place_and_repoint_them_on_abandon():
+    """A receiver lands optimizer state and plain-dict values (the state holds the tensor
+    objects themselves) straight from the wire, module parameters (aliases) through staging,
+    and tensors it lacks in fresh memory; an abandoned heal re-points the owned tensors so a
+    late write can only reach their old storage."""
+    from types import SimpleNamespace
+
+    from lococomm.ft.healing import FRESH, OWNED, SHARED, Healer
+
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.AdamW(model.parameters(), lr=0.1)
     model(torch.randn(4, 3)).sum().backward()
     opt.step()
+    ema = {"ema": torch.zeros(2)}
     state = ReplicatedState()
     state.register("model", model)
     state.register("opt", opt)
-    state.register("opt2", {"ema": torch.zeros(2)})
+    state.register("extra", ema)
     snap = state.snapshot()
-    adopts = {s.path: state.adopts_loaded_tensors(s.path) for s in snap.specs}
-    assert adopts["model.weight"] is False and adopts["opt2.ema"] is False
-    assert adopts["opt.state.0.exp_avg"] is True
-    fresh = [t.clone() for t in snap.tensors]
-    state.load(snap.skeleton, fresh)
-    loaded = {s.path: t for s, t in zip(snap.specs, fresh)}
+    specs = [*snap.specs, TensorSpec("extra.new", "float32", (5,), "cpu")]
+    comm = SimpleNamespace(device=torch.device("cpu"), timeout=5.0)
+    healer = Healer(comm, None, state, [0], [1], make_group=None)
+    targets, kinds = healer._targets(specs)
+    kind = {s.path: k for s, k in zip(specs, kinds)}
+    assert kind["model.weight"] == SHARED
+    assert kind["opt.state.0.exp_avg"] == OWNED and kind["extra.ema"] == OWNED
+    assert kind["extra.new"] == FRESH
     exp_avg = opt.state[model.weight]["exp_avg"]
-    assert exp_avg.data_ptr() == loaded["opt.state.0.exp_avg"].data_ptr()  # adopted, not copied
-    assert model.weight.data_ptr() != loaded["model.weight"].data_ptr()  # copied into the param
+    index = [s.path for s in specs].index("opt.state.0.exp_avg")
+    assert targets[index] is exp_avg
+    old_view = exp_avg.view(-1)
+    before = exp_avg.clone()
+    healer._repoint([targets[index]])
+    assert opt.state[model.weight]["exp_avg"] is exp_avg  # the same object, new storage
+    assert exp_avg.data_ptr() != old_view.data_ptr()
+    old_view.fill_(7.0)  # a zombie write into the old storage
+    assert not torch.equal(exp_avg, torch.full_like(exp_avg, 7.0))
+    assert torch.equal(old_view.view_as(before), torch.full_like(before, 7.0))
 
 
 def test_chunk_digest_copy_copies_into_every_piece_and_hashes_the_chunk():

@@ -41,12 +41,15 @@ import torch
 from lococomm import ops
 from lococomm.collectives.abort import AbortSignal
 from lococomm.collectives.communicator import Communicator
+from lococomm.collectives.exact import exclusively_owned
 from lococomm.ft.state import ReplicatedState, TensorSpec
 
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 8 << 20
 WINDOW = 4  # chunks in flight per source (and per receiver in total, times 2)
+# How a receiver lands each tensor (Healer._targets)
+FRESH, OWNED, SHARED = "fresh", "owned", "shared"
 
 
 @dataclass(frozen=True)
@@ -57,7 +60,10 @@ class Segment:
 
 
 def plan_chunks(specs: list[TensorSpec], chunk_bytes: int = CHUNK_BYTES) -> list[list[Segment]]:
-    """Cut the state's bytes into chunks of <= chunk_bytes (pure: same on every member)."""
+    """Cut the state's bytes into chunks of <= chunk_bytes (pure: same on every member).
+
+    Tensors of at least chunk_bytes / 4 get chunks of their own (a receiver can land those
+    straight in the tensor); smaller ones are packed together."""
     chunks: list[list[Segment]] = []
     current: list[Segment] = []
     size = 0
@@ -65,7 +71,7 @@ def plan_chunks(specs: list[TensorSpec], chunk_bytes: int = CHUNK_BYTES) -> list
         nbytes = spec.nbytes
         if nbytes == 0:
             continue
-        if nbytes >= chunk_bytes:
+        if nbytes >= chunk_bytes // 4:
             for start in range(0, nbytes, chunk_bytes):
                 chunks.append([Segment(index, start, min(nbytes, start + chunk_bytes))])
             continue
@@ -239,18 +245,18 @@ class Healer:
         t1 = time.monotonic()
         groups = self._build({f"heal/{s}": (my_rank, size) for s in sources})
         t2 = time.monotonic()
-        targets, fresh = self._targets(specs)
+        targets, kinds = self._targets(specs)
         chunks = plan_chunks(specs, meta["chunk_bytes"])
         # bool tensors travel as uint8 (one byte each) and are converted after the transfer.
         landing = [t.view(torch.uint8) if t.dtype == torch.bool else t for t in targets]
         views = [t.detach().reshape(-1).view(torch.uint8) for t in landing]
-        # A chunk that is one piece of a fresh tensor (never seen by anyone until the state is
-        # loaded) is received straight into it; everything else lands in a private staging
-        # buffer first, so an abandoned receive can never write into live state.
+        # A chunk that is one piece of a fresh or an owned tensor is received straight into it;
+        # everything else lands in a private staging buffer first (see _targets).
         direct = [
-            len(chunk) == 1 and fresh[chunk[0].tensor] and landing[chunk[0].tensor].device == self.comm.device
+            len(chunk) == 1 and kinds[chunk[0].tensor] != SHARED
+            and landing[chunk[0].tensor].device == self.comm.device
             for chunk in chunks
-        ]
+        ]  # fmt: skip
         # Bounded memory: at most 2 * WINDOW chunks in flight and as many staging buffers,
         # however many sources there are.
         window = min(2 * WINDOW, max(1, len(chunks)))
@@ -262,35 +268,44 @@ class Healer:
         free = list(range(len(staging)))
         received: dict[str, str] = {}
         in_flight: list[tuple[Any, int, int, torch.Tensor]] = []  # (work, chunk, slot or -1, buffer)
+        exposed: set[int] = set()  # owned tensors a receive was posted into
         next_chunk = 0
-        while next_chunk < len(chunks) or in_flight:
-            while len(in_flight) < window and next_chunk < len(chunks):
-                if direct[next_chunk]:
-                    seg = chunks[next_chunk][0]
-                    slot, buf = -1, views[seg.tensor][seg.start : seg.end]
-                elif free:
-                    slot = free.pop()
-                    buf = staging[slot][: chunk_nbytes(chunks[next_chunk])]
-                else:
-                    break
-                group = groups[f"heal/{sources[next_chunk % len(sources)]}"]
-                in_flight.append((group.broadcast([buf], opts), next_chunk, slot, buf))
-                next_chunk += 1
-            work, index, slot, buf = in_flight.pop(0)
-            self._wait([(work, buf)], pending=[(w, b) for w, _, _, b in in_flight])
-            if slot < 0:
-                received[str(index)] = chunk_digest(buf)
-                self.bytes_moved += buf.numel()
-                continue
-            offset = 0
-            pieces = []
-            for seg in chunks[index]:
-                n = seg.end - seg.start
-                pieces.append((views[seg.tensor][seg.start : seg.end], offset))
-                offset += n
-            received[str(index)] = chunk_digest_copy(buf, pieces)
-            self.bytes_moved += offset
-            free.append(slot)
+        try:
+            while next_chunk < len(chunks) or in_flight:
+                while len(in_flight) < window and next_chunk < len(chunks):
+                    if direct[next_chunk]:
+                        seg = chunks[next_chunk][0]
+                        slot, buf = -1, views[seg.tensor][seg.start : seg.end]
+                        if kinds[seg.tensor] == OWNED:
+                            exposed.add(seg.tensor)
+                    elif free:
+                        slot = free.pop()
+                        buf = staging[slot][: chunk_nbytes(chunks[next_chunk])]
+                    else:
+                        break
+                    group = groups[f"heal/{sources[next_chunk % len(sources)]}"]
+                    in_flight.append((group.broadcast([buf], opts), next_chunk, slot, buf))
+                    next_chunk += 1
+                work, index, slot, buf = in_flight.pop(0)
+                self._wait([(work, buf)], pending=[(w, b) for w, _, _, b in in_flight])
+                if slot < 0:
+                    received[str(index)] = chunk_digest(buf)
+                    self.bytes_moved += buf.numel()
+                    continue
+                offset = 0
+                pieces = []
+                for seg in chunks[index]:
+                    pieces.append((views[seg.tensor][seg.start : seg.end], offset))
+                    offset += seg.end - seg.start
+                received[str(index)] = chunk_digest_copy(buf, pieces)
+                self.bytes_moved += offset
+                free.append(slot)
+        except BaseException:
+            # Ops still in flight keep their buffers (and so the storage of any owned tensor
+            # they view) alive in the graveyard; _wait has already buried them if it failed.
+            self.comm.graveyard.bury([w for w, _, _, _ in in_flight], [b for _, _, _, b in in_flight])
+            self._repoint([targets[i] for i in sorted(exposed)])
+            raise
         t3 = time.monotonic()
         expected: dict[str, str] = {}
         for source in sources:
@@ -340,16 +355,22 @@ class Healer:
             raise HealError(f"heal group rendezvous failed: {errors[0]}")
         return results
 
-    def _targets(self, specs: list[TensorSpec]) -> tuple[list[torch.Tensor], list[bool]]:
-        """Where each tensor is received, and whether that tensor is fresh.
+    def _targets(self, specs: list[TensorSpec]) -> tuple[list[torch.Tensor], list[str]]:
+        """Where each tensor is received, and how (FRESH, OWNED or SHARED).
 
         This worker's own tensors are written in place where they match (no extra copy of a
-        model); tensors it lacks (e.g. optimizer state a joiner has not created yet) and those
-        of objects that adopt loaded tensors (optimizers) are received into fresh memory."""
+        model, and memory that is already paged in): straight from the wire when the state
+        holds the tensor object itself and nothing else sees its storage (OWNED: optimizer
+        state, plain-dict values; if the transfer is abandoned the tensor is re-pointed and a
+        late write of a zombie receive lands in the old storage), through staging otherwise
+        (SHARED: module parameters arrive as aliases from state_dict()). Tensors this worker
+        lacks (e.g. optimizer state a joiner has not created yet) are received into FRESH
+        memory, which nobody sees before the state is loaded."""
         own = self.state.snapshot()
         live = {s.path: t for s, t in zip(own.specs, own.tensors)}
+        del own
         targets: list[torch.Tensor] = []
-        fresh: list[bool] = []
+        kinds: list[str] = []
         for spec in specs:
             dtype = getattr(torch, spec.dtype)
             current = live.get(spec.path)
@@ -358,15 +379,23 @@ class Healer:
                 and current.dtype == dtype
                 and tuple(current.shape) == spec.shape
                 and current.is_contiguous()
-                and not self.state.adopts_loaded_tensors(spec.path)
             ):
                 targets.append(current)
-                fresh.append(False)
+                kinds.append(OWNED if exclusively_owned(current) else SHARED)
             else:
                 device = self.comm.device if spec.device_type != "cpu" else torch.device("cpu")
                 targets.append(torch.empty(spec.shape, dtype=dtype, device=device))
-                fresh.append(True)
-        return targets, fresh
+                kinds.append(FRESH)
+        return targets, kinds
+
+    def _repoint(self, tensors: list[torch.Tensor]) -> None:
+        """Move owned tensors that an abandoned receive may still write into onto new storage
+        (their contents were being replaced anyway; the heal is retried in the next epoch).
+        The old storage stays alive through the buried receive buffers that view it."""
+        with torch.no_grad():
+            for t in tensors:
+                fresh = torch.empty(t.shape, dtype=t.dtype, device=t.device)
+                t.set_(fresh.untyped_storage(), 0, t.shape, t.stride())
 
     def _on_comm_device(self, data: torch.Tensor) -> torch.Tensor:
         if data.device != self.comm.device:

@@ -55,7 +55,9 @@ def flatten(value: Any, path: str, tensors: list[torch.Tensor], specs: list[Tens
         if dtype not in _DTYPES:
             raise TypeError(f"state tensor at {path!r} has unsupported dtype {value.dtype}")
         specs.append(TensorSpec(path, dtype, tuple(value.shape), value.device.type))
-        tensors.append(value.detach())
+        # The tensor object itself where that is safe (healing may receive into it and, if the
+        # transfer is abandoned, re-point it); a detached alias for tensors that track grads.
+        tensors.append(value.detach() if value.requires_grad else value)
         return {"__tensor__": len(tensors) - 1}
     if isinstance(value, dict):
         items = []
@@ -165,17 +167,6 @@ class ReplicatedState:
             name: flatten(obj.state_dict(), name, tensors, specs) for name, obj in self._objects.items()
         }
         return Snapshot(skeleton, tensors, specs)
-
-    def adopts_loaded_tensors(self, path: str) -> bool:
-        """True if the object owning the flattened `path` keeps the tensors it is loaded with
-        (a torch optimizer: its load_state_dict stores them, with no copy when dtype and
-        device match). Healing receives such tensors into fresh memory, which then becomes the
-        state. Modules copy into their parameters; plain dicts are loaded in place, so a caller
-        holding one of their tensors keeps seeing the live values: both are received in place."""
-        for name, obj in self._objects.items():
-            if path == name or path.startswith((f"{name}.", f"{name}[")):
-                return isinstance(obj, torch.optim.Optimizer)
-        return False
 
     def load(self, skeleton: dict[str, Any], tensors: list[torch.Tensor]) -> None:
         if sorted(skeleton) != sorted(self._objects):
