@@ -89,6 +89,19 @@ class Graveyard:
             return
         threading.Thread(target=_drop, args=([group],), daemon=True, name="lococomm-pg-reaper").start()
 
+    def retire_groups(self, groups: list[Any]) -> None:
+        """`retire_group` for several groups, taking them out of `groups` (emptied): when the
+        caller holds no other reference, the last one is dropped off its thread. (Retiring one
+        at a time while the caller's list still held them destroyed the last of them on the
+        caller's thread: ~10-20 ms at the end of every heal.)"""
+        handed = list(groups)
+        groups.clear()
+        if self.prune():
+            with self._lock:
+                self._groups.extend(handed)
+            return
+        threading.Thread(target=_drop, args=(handed,), daemon=True, name="lococomm-pg-reaper").start()
+
     def prune(self) -> int:
         """Forget entries whose works all finished; returns how many are still pending."""
         with self._lock:

@@ -179,9 +179,7 @@ class Healer:
             elif rank in self.receivers:
                 self._as_receiver()
         finally:
-            for group in self._groups:
-                self.comm.graveyard.retire_group(group)
-            self._groups.clear()
+            self.comm.graveyard.retire_groups(self._groups)
 
     # ------------------------------------------------------------------ source side
     def _as_source(self) -> None:
