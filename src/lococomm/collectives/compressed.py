@@ -49,6 +49,7 @@ import torch
 
 from lococomm import ops
 from lococomm.collectives import signature
+from lococomm.collectives.call import Call
 from lococomm.collectives.communicator import Communicator, Handle
 from lococomm.collectives.exact import allreduce_owned, check_tensor, exclusively_owned
 from lococomm.collectives.feedback import Feedback, kind_of
@@ -257,7 +258,8 @@ def _run(
     )
     result = g if direct else comm.pool.get(g.numel(), torch.float32, g.device)
     mean = op == "mean"
-    common = dict(mean=mean, seed=seed, stats=stats, description=description, state=state, err=err)
+    call = Call(comm, x, result, mean=mean, seed=seed, stats=stats, description=description,
+                state=state, err=err)
     warm_out = None
     if algorithm == "ring":
         links, why = ring_links(comm, make_group)
@@ -267,21 +269,19 @@ def _run(
         else:
             hop = HopCodec(codec)
             plan = plan_ring(g.numel(), comm.world_size, codec.align, RING_CHUNK_ELEMENTS)
-            ok = RingRequant(comm, links, hop, plan, x, result, **common).run()
+            ok = RingRequant(call, links, hop, plan).run()
     elif algorithm == "native":
         wire_dtype = native_wire_dtype(codec, feedback.kind)
         assert wire_dtype is not None
-        ok = NativeAllreduce(comm, codec, wire_dtype, x, result, **common).run()
+        ok = NativeAllreduce(call, codec, wire_dtype).run()
     elif algorithm == "randk":
-        ok = RandKAllreduce(comm, codec, x, result, **common).run()
+        ok = RandKAllreduce(call, codec).run()
     elif algorithm == "powersgd":
-        run = PowerSGDAllreduce(
-            comm, codec, x, tuple(tensor.shape), result, warm=feedback.warm, **common
-        )
+        run = PowerSGDAllreduce(call, codec, tuple(tensor.shape), warm=feedback.warm)
         ok = run.run()
         warm_out = run.warm_out
     else:
-        ok = SparseAllgather(comm, codec, x, result, **common).run()
+        ok = SparseAllgather(call, codec).run()
     if not ok:
         feedback.release(comm.pool)
         if not direct:

@@ -29,15 +29,14 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from lococomm import ops
-from lococomm.collectives.communicator import Communicator
+from lococomm.collectives.call import Call, CallAlgorithm
 from lococomm.collectives.exact import plan_chunks
-from lococomm.collectives.stats import CallStats, Timer
+from lococomm.collectives.stats import Timer
 from lococomm.compress.base import Codec
 from lococomm.compress.quant import BF16, Identity
 
@@ -53,35 +52,13 @@ def native_wire_dtype(codec: Codec, kind: str) -> torch.dtype | None:
     return None
 
 
-class NativeAllreduce:
+class NativeAllreduce(CallAlgorithm):
     """One cast + gloo all-reduce call (construct, then `run()`)."""
 
-    def __init__(
-        self,
-        comm: Communicator,
-        codec: Codec,
-        wire_dtype: torch.dtype,
-        x: torch.Tensor,
-        result: torch.Tensor,
-        *,
-        mean: bool,
-        seed: int,
-        stats: CallStats,
-        description: str,
-        state: torch.Tensor | None = None,
-        err: torch.Tensor | None = None,
-    ) -> None:
-        self.comm = comm
+    def __init__(self, call: Call, codec: Codec, wire_dtype: torch.dtype) -> None:
+        super().__init__(call)
         self.codec = codec
         self.wire_dtype = wire_dtype
-        self.x = x
-        self.result = result
-        self.mean = mean
-        self.stats = stats
-        self.description = description
-        self.state = state
-        self.err = err
-        self._works: list[Any] = []
 
     def run(self) -> bool:
         comm, n = self.comm, self.x.numel()

@@ -25,53 +25,30 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from lococomm import ops
-from lococomm.collectives.communicator import Communicator
+from lococomm.collectives.call import Call, CallAlgorithm
 from lococomm.collectives.finite import check_finite
-from lococomm.collectives.stats import CallStats, Timer
+from lococomm.collectives.stats import Timer
 from lococomm.compress.lowrank import PowerSGD, orthonormalize, power_step_p
 
 log = logging.getLogger(__name__)
 
 
-class PowerSGDAllreduce:
+class PowerSGDAllreduce(CallAlgorithm):
     """One PowerSGD all-reduce call (construct, then `run()`); `warm_out` holds the new Q."""
 
     def __init__(
-        self,
-        comm: Communicator,
-        codec: PowerSGD,
-        x: torch.Tensor,
-        shape: tuple[int, ...],
-        result: torch.Tensor,
-        *,
-        mean: bool,
-        seed: int,
-        stats: CallStats,
-        description: str,
-        state: torch.Tensor | None = None,
-        err: torch.Tensor | None = None,
-        warm: torch.Tensor | None = None,
+        self, call: Call, codec: PowerSGD, shape: tuple[int, ...], warm: torch.Tensor | None = None
     ) -> None:
-        self.comm = comm
+        super().__init__(call)
         self.codec = codec
-        self.x = x
         self.shape = shape
-        self.result = result
-        self.mean = mean
-        self.seed = seed
-        self.stats = stats
-        self.description = description
-        self.state = state
-        self.err = err
         self.warm = warm
         self.warm_out: torch.Tensor | None = None
-        self._works: list[Any] = []
         self._keep: list[torch.Tensor] = []
         self._deadline = 0.0
 

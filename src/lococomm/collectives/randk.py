@@ -18,41 +18,20 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from lococomm.collectives.communicator import Communicator
+from lococomm.collectives.call import Call, CallAlgorithm
 from lococomm.collectives.finite import check_finite
-from lococomm.collectives.stats import CallStats, Timer
+from lococomm.collectives.stats import Timer
 from lococomm.compress.sparse import RandK
 
 log = logging.getLogger(__name__)
 
 
-class RandKAllreduce:
+class RandKAllreduce(CallAlgorithm):
     """One random-k all-reduce call (construct, then `run()`)."""
 
-    def __init__(
-        self,
-        comm: Communicator,
-        codec: RandK,
-        x: torch.Tensor,
-        result: torch.Tensor,
-        *,
-        mean: bool,
-        seed: int,
-        stats: CallStats,
-        description: str,
-        state: torch.Tensor | None = None,
-        err: torch.Tensor | None = None,
-    ) -> None:
-        self.comm = comm
+    def __init__(self, call: Call, codec: RandK) -> None:
+        super().__init__(call)
         self.codec = codec
-        self.x = x
-        self.result = result
-        self.mean = mean
-        self.seed = seed
-        self.stats = stats
-        self.description = description
-        self.state = state
-        self.err = err
 
     def run(self) -> bool:
         comm, n = self.comm, self.x.numel()

@@ -36,11 +36,11 @@ import torch
 import torch.distributed as dist
 
 from lococomm.collectives.abort import done
-from lococomm.collectives.communicator import Communicator
+from lococomm.collectives.call import Call, CallAlgorithm
 from lococomm.collectives.hop_codec import HopCodec
 from lococomm.collectives.pair_groups import Links
 from lococomm.collectives.ring_plan import RingPlan
-from lococomm.collectives.stats import CallStats, Timer
+from lococomm.collectives.stats import Timer
 from lococomm.compress.base import derive_seed
 
 log = logging.getLogger(__name__)
@@ -48,40 +48,16 @@ log = logging.getLogger(__name__)
 LOOKAHEAD_PER_MEMBER = 4  # receives posted ahead: LOOKAHEAD_PER_MEMBER * W messages
 
 
-class RingRequant:
+class RingRequant(CallAlgorithm):
     """One ring all-reduce call (construct, then `run()`; see the module docstring)."""
 
-    def __init__(
-        self,
-        comm: Communicator,
-        links: Links,
-        hop: HopCodec,
-        plan: RingPlan,
-        x: torch.Tensor,
-        result: torch.Tensor,
-        *,
-        mean: bool,
-        seed: int,
-        stats: CallStats,
-        description: str,
-        state: torch.Tensor | None = None,
-        err: torch.Tensor | None = None,
-    ) -> None:
-        self.comm = comm
+    def __init__(self, call: Call, links: Links, hop: HopCodec, plan: RingPlan) -> None:
+        super().__init__(call)  # call.state: classic EF residual, call.err: encoding errors
         self.links = links
         self.hop = hop
         self.plan = plan
-        self.x = x  # flat contribution (any float dtype, contiguous)
-        self.result = result  # flat fp32, written only after every message arrived
-        self.mean = mean
-        self.seed = seed
-        self.stats = stats
-        self.description = description
-        self.state = state  # classic EF residual added before encoding (fp32 flat) or None
-        self.err = err  # receives this member's encoding errors (fp32 flat) or None
         self._opts = dist.BroadcastOptions()
         self._opts.rootRank = 0
-        self._works: list[Any] = []  # every issued op, buried on failure
         self._live: dict[int, torch.Tensor] = {}  # pooled buffers not yet returned
         self._recvs: dict[tuple[int, int], tuple[Any, torch.Tensor]] = {}
         self._sends: list[tuple[Any, torch.Tensor, bool]] = []  # (work, buffer, recyclable)

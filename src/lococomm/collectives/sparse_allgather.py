@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from lococomm.collectives.communicator import Communicator
-from lococomm.collectives.stats import CallStats, Timer
+from lococomm.collectives.call import Call, CallAlgorithm
+from lococomm.collectives.stats import Timer
 from lococomm.compress.base import Codec, derive_seed
 from lococomm.compress.payload import Payload, buffer_bytes
 
@@ -46,34 +46,12 @@ def plan_pieces(numel: int, codec: Codec, piece_elements: int = PIECE_ELEMENTS) 
     return [(a, min(numel, a + step)) for a in range(0, numel, step)]
 
 
-class SparseAllgather:
+class SparseAllgather(CallAlgorithm):
     """One all-gather all-reduce call (construct, then `run()`)."""
 
-    def __init__(
-        self,
-        comm: Communicator,
-        codec: Codec,
-        x: torch.Tensor,
-        result: torch.Tensor,
-        *,
-        mean: bool,
-        seed: int,
-        stats: CallStats,
-        description: str,
-        state: torch.Tensor | None = None,
-        err: torch.Tensor | None = None,
-    ) -> None:
-        self.comm = comm
+    def __init__(self, call: Call, codec: Codec) -> None:
+        super().__init__(call)
         self.codec = codec
-        self.x = x
-        self.result = result
-        self.mean = mean
-        self.seed = seed
-        self.stats = stats
-        self.description = description
-        self.state = state
-        self.err = err
-        self._works: list[Any] = []
         self._keep: list[torch.Tensor] = []
 
     def run(self) -> bool:
