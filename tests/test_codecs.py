@@ -211,8 +211,11 @@ def test_bits_per_value_match_the_documented_formats():
     assert abs(bpv(codecs.Int2()) - 2.5) < 0.01
     assert abs(bpv(codecs.SignSGD()) - 1.125) < 0.01
     assert abs(bpv(codecs.TopK(0.1)) - 0.1 * 64) < 0.01
-    assert abs(bpv(codecs.TopK(0.1, chunk=256)) - 0.1 * 48) < 0.1
+    assert abs(bpv(codecs.TopK(0.1, chunk=4096)) - 0.1 * 48) < 0.1
+    assert abs(bpv(codecs.TopK(0.1, chunk=256)) - 0.1 * 40) < 0.1  # uint8 offsets
     assert abs(bpv(codecs.SparseLoCo()) - (2 + 16) / 64 - 64 / 4096) < 0.01
+    # chunks of <= 256: 8-bit offsets; 13 of every 256 kept, 2 fp32 scales per chunk
+    assert abs(bpv(codecs.SparseLoCo(ratio=0.05, chunk=256)) - (2 + 8) * 13 / 256 - 64 / 256) < 0.01
 
 
 def test_summable_chunks_equal_the_whole_encoding():

@@ -87,7 +87,9 @@ class PowerSGD(Codec):
         if not low:
             data = tensor.detach().reshape(-1).to(torch.float32, copy=True)
             return Payload.make(self.name, {**meta, "mode": "raw"}, [data])
-        mat = tensor.detach().reshape(m, n).to(torch.float32)
+        # contiguous: BLAS rounds a transposed operand differently, and the bytes must not
+        # depend on the caller's memory layout
+        mat = tensor.detach().reshape(m, n).to(torch.float32).contiguous()
         if warm is not None and tuple(warm.shape) == (n, r):
             q0 = warm
         else:
