@@ -8,53 +8,13 @@ import torch
 
 from lococomm.collectives.abort import AbortSignal
 from lococomm.collectives.bucket_allreduce import BucketAllreduce, Outcome
-from lococomm.collectives.buffers import BufferPool, Graveyard
-from lococomm.collectives.communicator import Communicator
-
-
-class ScriptedWork:
-    """A gloo-like work: 'ok' (sums), 'error' (completes with a peer failure) or 'hang'."""
-
-    def __init__(self, tensor: torch.Tensor, behaviour: str) -> None:
-        self.tensor = tensor
-        self.behaviour = behaviour
-        if behaviour == "ok":
-            tensor.mul_(2)  # what a 2-member SUM of equal contributions gives
-
-    def is_completed(self) -> bool:
-        return self.behaviour != "hang"
-
-    def wait(self, timeout=None) -> bool:
-        if self.behaviour == "ok":
-            return True
-        if self.behaviour == "error":
-            raise RuntimeError("Connection reset by peer")
-        time.sleep(timeout.total_seconds() if timeout else 0.01)
-        raise RuntimeError("Operation timed out")
-
-
-class ScriptedGroup:
-    def __init__(self, behaviours: list[str]) -> None:
-        self.behaviours = list(behaviours)
-        self.works: list[ScriptedWork] = []
-
-    def allreduce(self, tensors, opts):
-        work = ScriptedWork(tensors[0], self.behaviours.pop(0))
-        self.works.append(work)
-        return work
-
-
-def communicator(group: ScriptedGroup, failures: list[str], abort: AbortSignal | None = None) -> Communicator:
-    return Communicator(
-        pg=group, rank=0, world_size=2, abort=abort or AbortSignal(), pool=BufferPool(),
-        graveyard=Graveyard(), timeout=5.0, fail=failures.append,
-    )  # fmt: skip
+from scripted_group import ScriptedGroup, scripted_communicator
 
 
 def test_success_sums_in_place_and_divides_by_scale():
     buf = torch.full((10 << 20,), 3.0)  # 40 MiB: several chunks
     group, failures = ScriptedGroup(["ok"] * 8), []
-    op = BucketAllreduce(communicator(group, failures), buf, "bucket0")
+    op = BucketAllreduce(scripted_communicator(group, failures), buf, "bucket0")
     assert len(op.chunks) >= 2
     assert op.start()
     assert op.wait(scale=2) is Outcome.OK
@@ -65,7 +25,7 @@ def test_success_sums_in_place_and_divides_by_scale():
 def test_completed_failure_returns_the_buffer_to_its_owner():
     buf = torch.ones(1000)
     group, failures = ScriptedGroup(["error"]), []
-    comm = communicator(group, failures)
+    comm = scripted_communicator(group, failures)
     op = BucketAllreduce(comm, buf, "bucket3")
     op.start()
     assert op.wait(scale=2) is Outcome.FAILED
@@ -77,7 +37,7 @@ def test_pending_op_after_abort_buries_the_buffer():
     buf = torch.ones(1000)
     abort = AbortSignal()
     group, failures = ScriptedGroup(["hang"]), []
-    comm = communicator(group, failures, abort)
+    comm = scripted_communicator(group, failures, abort)
     op = BucketAllreduce(comm, buf, "bucket1")
     op.start()
     abort.abort("member w2 hung")
@@ -90,7 +50,7 @@ def test_pending_op_after_abort_buries_the_buffer():
 
 def test_give_up_without_waiting_decides_by_pending_ops():
     group, failures = ScriptedGroup(["ok", "hang"]), []
-    comm = communicator(group, failures)
+    comm = scripted_communicator(group, failures)
     done_op = BucketAllreduce(comm, torch.ones(10), "bucket0")
     hung_op = BucketAllreduce(comm, torch.ones(10), "bucket1")
     done_op.start()
@@ -101,7 +61,7 @@ def test_give_up_without_waiting_decides_by_pending_ops():
 
 
 def test_one_member_moves_nothing():
-    comm = communicator(ScriptedGroup([]), [])
+    comm = scripted_communicator(ScriptedGroup([]), [])
     comm.world_size = 1
     op = BucketAllreduce(comm, torch.ones(10), "bucket0")
     assert op.start() and op.wait(scale=1) is Outcome.OK

@@ -4,16 +4,12 @@ and the native cast path against a scripted process group."""
 from __future__ import annotations
 
 import math
-import time
 
 import pytest
 import torch
 
 import lococomm as lc
 from lococomm.collectives import compressed
-from lococomm.collectives.abort import AbortSignal
-from lococomm.collectives.buffers import BufferPool, Graveyard
-from lococomm.collectives.communicator import Communicator
 from lococomm.collectives.compressed import algorithm_for, tensor_id
 from lococomm.collectives.feedback import Feedback
 from lococomm.collectives.finite import check_finite
@@ -21,6 +17,7 @@ from lococomm.collectives.hop_codec import HopCodec
 from lococomm.collectives.ring_plan import plan_ring
 from lococomm.compress import EF21, ErrorFeedback, codecs
 from lococomm.compress.choose import MEASURED
+from scripted_group import ScriptedGroup, scripted_communicator
 
 
 @pytest.mark.parametrize("numel, world, align", [(0, 3, 256), (3, 4, 256), (1000, 2, 1),
@@ -205,44 +202,6 @@ def test_choose_respects_the_error_budget_and_link_speed():
 # Casts summed by gloo itself (native.py, exact.py's owned path for Identity), against a
 # scripted 2-member process group: outcomes, and the caller's tensor on every failure.
 # ---------------------------------------------------------------------------------------------
-class _Work:
-    """'ok' sums like 2 equal members (doubles the buffer at issue), 'error' fails, 'hang'
-    never completes."""
-
-    def __init__(self, tensor: torch.Tensor, behaviour: str) -> None:
-        self.behaviour = behaviour
-        if behaviour == "ok":
-            tensor.mul_(2)
-
-    def is_completed(self) -> bool:
-        return self.behaviour != "hang"
-
-    def wait(self, timeout=None) -> bool:
-        if self.behaviour == "ok":
-            return True
-        if self.behaviour == "error":
-            raise RuntimeError("Connection reset by peer")
-        time.sleep(0.001)
-        raise RuntimeError("Operation timed out")
-
-
-class _Group:
-    def __init__(self, behaviours: list[str]) -> None:
-        self.behaviours = list(behaviours)
-        self.issued: list[torch.Tensor] = []
-
-    def allreduce(self, tensors, opts):
-        self.issued.append(tensors[0])
-        return _Work(tensors[0], self.behaviours.pop(0) if self.behaviours else "ok")
-
-
-def _comm(group: _Group, failures: list[str], timeout: float = 5.0) -> Communicator:
-    return Communicator(
-        pg=group, rank=0, world_size=2, abort=AbortSignal(), pool=BufferPool(),
-        graveyard=Graveyard(), timeout=timeout, fail=failures.append,
-    )  # fmt: skip
-
-
 def _allreduce(comm, tensor, codec, ef=None):
     return compressed.allreduce(comm, tensor, "mean", codec, ef, verify=False).wait()
 
@@ -253,8 +212,8 @@ N_CHUNKED = 3 << 20  # 12 MiB of fp32: several pipelined chunks
 def test_identity_on_an_owned_tensor_runs_in_place_prescaled():
     t = torch.randn(N_CHUNKED)
     want = t.clone()
-    group, failures = _Group([]), []
-    assert _allreduce(_comm(group, failures), t, codecs.Identity())
+    group, failures = ScriptedGroup([]), []
+    assert _allreduce(scripted_communicator(group, failures), t, codecs.Identity())
     assert not failures and len(group.issued) >= 2
     # the chunks handed to gloo are the caller's memory, divided by W before the sum
     assert all(x.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() for x in group.issued)
@@ -265,8 +224,8 @@ def test_identity_rejects_nonfinite_input_and_restores_the_tensor():
     t = torch.randn(N_CHUNKED)
     t[-5] = float("nan")  # in the last chunk: earlier chunks were already scaled and summed
     want = t.clone()
-    group, failures = _Group([]), []
-    comm = _comm(group, failures)
+    group, failures = ScriptedGroup([]), []
+    comm = scripted_communicator(group, failures)
     assert not _allreduce(comm, t, codecs.Identity())
     assert failures and "inf/nan" in failures[0]
     assert torch.equal(t.view(torch.int32), want.view(torch.int32))
@@ -276,8 +235,8 @@ def test_identity_rejects_nonfinite_input_and_restores_the_tensor():
 def test_identity_abandoned_op_moves_the_tensor_to_its_backup():
     t = torch.randn(N_CHUNKED)
     want = t.clone()
-    group, failures = _Group(["ok", "hang"]), []
-    comm = _comm(group, failures, timeout=0.05)
+    group, failures = ScriptedGroup(["ok", "hang"]), []
+    comm = scripted_communicator(group, failures, timeout=0.05)
     old_ptr = t.untyped_storage().data_ptr()
     assert not _allreduce(comm, t, codecs.Identity())
     assert failures and "timed out" in failures[0]
@@ -290,8 +249,8 @@ def test_native_cast_on_a_view_decodes_once_everything_arrived(codec):
     base = torch.randn(2, N_CHUNKED)
     t = base[1]  # a view: not exclusively owned, so the private wire buffer path
     x = t.clone()
-    group, failures = _Group([]), []
-    assert _allreduce(_comm(group, failures), t, codec)
+    group, failures = ScriptedGroup([]), []
+    assert _allreduce(scripted_communicator(group, failures), t, codec)
     assert not failures
     want = x.to(torch.bfloat16).float() if isinstance(codec, codecs.BF16) else x
     assert torch.equal(t, want)  # 2 * cast(x) / 2
@@ -303,8 +262,8 @@ def test_native_failure_leaves_tensor_and_error_feedback_untouched():
     t = base[0]
     want = t.clone()
     ef = ErrorFeedback(codecs.Identity())
-    group, failures = _Group(["ok", "error"]), []
-    comm = _comm(group, failures)
+    group, failures = ScriptedGroup(["ok", "error"]), []
+    comm = scripted_communicator(group, failures)
     assert not _allreduce(comm, t, codecs.Identity(), ef)
     assert failures and "peer failure" in failures[0]
     assert torch.equal(t, want)
