@@ -10,10 +10,11 @@ names the sources and receivers, bystanders take no part):
    packed); chunk i comes from source i mod len(sources), so a large state is spread over
    every healthy source. Each source broadcasts its chunks in a small group of its own
    ({source} + receivers), straight from its tensors, and hashes each chunk while it travels.
-   Receivers receive a chunk straight into its tensor when that tensor is fresh (allocated
-   for this heal, e.g. optimizer state, which the optimizer adopts on load); all other chunks
-   land in a ring of private staging buffers (bounded memory; an abandoned receive can never
-   write into live state) and are hashed while they are copied into place.
+   Receivers receive a chunk straight into its tensor when nothing but the state can see that
+   tensor's memory (one the state holds exclusively, re-pointed to new memory if the transfer
+   is abandoned, or a fresh one); chunks of module parameters (aliases) land in a ring of
+   private staging buffers (bounded memory) and are hashed while copied into place. Either
+   way an abandoned receive can never write into memory the live state uses.
 3. Each source publishes its chunk checksums (64-bit multilinear hash + length, `ops.checksum`); a receiver loads the state
    only if every chunk matches, and the first commit of the epoch compares full-state blake2b
    digests across members (bit-parity).
