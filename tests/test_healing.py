@@ -76,6 +76,9 @@ def test_source_killed_during_transfer_joiner_heals_from_another(workers, coordi
         assert workers.wait_exit(name, 150) == 0, workers.dump()
     joiner_log = workers.stderr("w3")
     assert "healing failed" in joiner_log, joiner_log[-2000:]
+    # the joiner's blob (a plain-dict value it holds exclusively) was being received in place:
+    # the abandoned transfer must have moved it to new memory before the retry
+    assert "re-pointed 1 owned tensor(s)" in joiner_log, joiner_log[-2000:]
     assert "healed" in joiner_log
     finals = {workers.records(n, "done")[0]["digest"] for n in ("w0", "w2", "w3")}
     assert len(finals) == 1

@@ -395,6 +395,8 @@ class Healer:
             for t in tensors:
                 fresh = torch.empty(t.shape, dtype=t.dtype, device=t.device)
                 t.set_(fresh.untyped_storage(), 0, t.shape, t.stride())
+        if tensors:
+            log.info("heal abandoned: re-pointed %d owned tensor(s) to new memory", len(tensors))
 
     def _on_comm_device(self, data: torch.Tensor) -> torch.Tensor:
         if data.device != self.comm.device:
