@@ -49,7 +49,7 @@ def worker(rank: int, world: int, port: int, numel: int, iters: int, queue: mp.Q
         "2_chunks": lambda: chunked(2, None),
         "4_chunks": lambda: chunked(4, None),
         "8_chunks": lambda: chunked(8, None),
-        "4_chunks_torch_copy": lambda: chunked(4, "torch"),
+        **{f"{n}_chunks_torch_copy": (lambda n=n: chunked(n, "torch")) for n in (2, 4, 8, 16)},
     }
     if kernel_ok:
         cases.update({f"{n}_chunks_kernel_copy": (lambda n=n: chunked(n, "kernel")) for n in (2, 4, 8)})

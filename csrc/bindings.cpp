@@ -223,7 +223,7 @@ int64_t sparseloco_encode(const at::Tensor& x, const std::optional<at::Tensor>& 
                           const std::optional<at::Tensor>& state_out, int64_t chunk,
                           int64_t k_chunk, int64_t k_last, bool stochastic, int64_t k0,
                           int64_t k1, at::Tensor& codes, at::Tensor& indices,
-                          at::Tensor& scales) {
+                          at::Tensor& scales, bool bf16_scales) {
   const int64_t n = x.numel();
   check_chunking(chunk, k_chunk, k_last);
   TORCH_CHECK(state.has_value() == state_out.has_value(), "state and state_out go together");
@@ -245,7 +245,7 @@ int64_t sparseloco_encode(const at::Tensor& x, const std::optional<at::Tensor>& 
     pybind11::gil_scoped_release nogil;
     return lococomm::sparseloco_encode(xp, s, so, n, chunk, k_chunk, k_last, stochastic,
                                        static_cast<uint32_t>(k0), static_cast<uint32_t>(k1), c,
-                                       ix, sc, nt);
+                                       ix, sc, bf16_scales, nt);
   });
 }
 
@@ -387,7 +387,7 @@ at::Tensor rng(int64_t k0, int64_t k1, int64_t offset, int64_t n) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "lococomm fused CPU kernels (see src/lococomm/ops for the torch references)";
   // Bumped whenever a binding's signature or semantics change; Python refuses a mismatch.
-  m.attr("ABI_VERSION") = 5;
+  m.attr("ABI_VERSION") = 6;
   m.def("quantize", &quantize, "block-absmax quantise (+ EF state update)");
   m.def("dequantize", &dequantize, "block dequantise (optionally += into out)");
   m.def("cast_encode", &cast_encode, "p = x (+ state) cast to the wire dtype (+ error)");

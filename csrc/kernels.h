@@ -80,7 +80,7 @@ template <typename T>
 int64_t sparseloco_encode(const T* x, const float* state, float* state_out, int64_t n,
                           int64_t chunk, int64_t k_chunk, int64_t k_last, bool stochastic,
                           uint32_t k0, uint32_t k1, uint8_t* codes, uint16_t* indices,
-                          float* scales, int nthreads);
+                          float* scales, bool bf16_scales, int nthreads);
 
 // One chunked sparse payload: fp32 values (TopK) or SparseLoCo codes + scales, and the uint16
 // chunk offsets.

@@ -407,7 +407,7 @@ template <typename T>
 int64_t sparseloco_encode(const T* x, const float* s, float* s_out, int64_t n, int64_t chunk,
                           int64_t k_chunk, int64_t k_last, bool stochastic, uint32_t k0,
                           uint32_t k1, uint8_t* codes, uint16_t* indices, float* scales,
-                          int nthreads) {
+                          bool bf16_scales, int nthreads) {
   if (n == 0) return 0;
   const int64_t nchunks = (n + chunk - 1) / chunk;
   const int64_t last_len = n - (nchunks - 1) * chunk;
@@ -435,6 +435,10 @@ int64_t sparseloco_encode(const T* x, const float* s, float* s_out, int64_t n, i
         const float a = std::fabs(p[sel[o]]);
         lo = a < lo ? a : lo;
         hi = a > hi ? a : hi;
+      }
+      if (bf16_scales) {  // the levels the wire carries (round to nearest even), so the
+        lo = static_cast<float>(c10::BFloat16(lo));  // residual is exact against them
+        hi = static_cast<float>(c10::BFloat16(hi));
       }
       const float span = hi - lo;
       const int64_t out0 = c * k_chunk;
@@ -544,7 +548,7 @@ void chunked_sparse_sum(float* out, int64_t n, int64_t chunk, int64_t k_chunk, i
                                    int64_t, float*, uint16_t*, int);              \
   template int64_t sparseloco_encode<T>(const T*, const float*, float*, int64_t, int64_t,      \
                                         int64_t, int64_t, bool, uint32_t, uint32_t, uint8_t*,  \
-                                        uint16_t*, float*, int);
+                                        uint16_t*, float*, bool, int);
 LOCOCOMM_INSTANTIATE_TOPK(float)
 LOCOCOMM_INSTANTIATE_TOPK(c10::Half)
 LOCOCOMM_INSTANTIATE_TOPK(c10::BFloat16)

@@ -50,7 +50,7 @@ CODECS = {
     "bf16": lambda a: codecs.BF16(),
     "fp8": lambda a: codecs.FP8E4M3(),
     "topk": lambda a: codecs.TopK(ratio=a.topk_ratio, chunk=a.chunk),
-    "sparseloco": lambda a: codecs.SparseLoCo(ratio=a.topk_ratio, chunk=a.chunk),
+    "sparseloco": lambda a: codecs.SparseLoCo(ratio=a.topk_ratio, chunk=a.chunk, scale_dtype=a.scale_dtype),
     "fp4": lambda a: FP4E3M0(),
 }
 
@@ -84,6 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--decay", type=float, default=0.95, help="SparseLoCo error-feedback decay")
     p.add_argument("--topk-ratio", type=float, default=64 / 4096)
     p.add_argument("--chunk", type=int, default=4096)
+    p.add_argument("--scale-dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="SparseLoCo's per-chunk levels on the wire")
     # evaluation and logs
     p.add_argument("--eval-every", type=int, default=50, help="inner steps between evaluations")
     p.add_argument("--eval-batches", type=int, default=4)
@@ -106,7 +108,8 @@ def build_diloco(args, model, optimizer, manager) -> DiLoCo:
     if sparse:
         kwargs: dict[str, Any] = dict(ratio=args.topk_ratio, chunk=args.chunk, decay=args.decay,
                                       lr=1.0 if args.outer_lr is None else args.outer_lr,
-                                      momentum=args.outer_momentum or 0.0, nesterov=args.nesterov)
+                                      momentum=args.outer_momentum or 0.0, nesterov=args.nesterov,
+                                      scale_dtype=args.scale_dtype)
         if args.fragments:
             kwargs["fragments"] = args.fragments
         return presets.sparseloco(model, optimizer, manager, sync_every=args.sync_every, **kwargs)

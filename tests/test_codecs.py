@@ -36,6 +36,7 @@ ALL = [
     codecs.RandK(0.05, unbiased=True),
     codecs.SparseLoCo(),
     codecs.SparseLoCo(ratio=0.1, chunk=64, rounding="stochastic"),
+    codecs.SparseLoCo(ratio=1 / 16, chunk=256, scale_dtype="bfloat16"),
     codecs.PowerSGD(2),
 ]
 if codecs.HAS_FP8:
@@ -216,6 +217,8 @@ def test_bits_per_value_match_the_documented_formats():
     assert abs(bpv(codecs.SparseLoCo()) - (2 + 16) / 64 - 64 / 4096) < 0.01
     # chunks of <= 256: 8-bit offsets; 13 of every 256 kept, 2 fp32 scales per chunk
     assert abs(bpv(codecs.SparseLoCo(ratio=0.05, chunk=256)) - (2 + 8) * 13 / 256 - 64 / 256) < 0.01
+    bf16 = codecs.SparseLoCo(ratio=1 / 16, chunk=256, scale_dtype="bfloat16")
+    assert abs(bpv(bf16) - (2 + 8) * 16 / 256 - 32 / 256) < 0.01
 
 
 def test_summable_chunks_equal_the_whole_encoding():

@@ -303,17 +303,33 @@ def test_sparseloco_encode_bit_equal(chunk, k_chunk, stochastic):
         inputs.append(torch.randn(n, generator=g).to(torch.bfloat16))
         inputs.append(torch.randn(n, generator=g).to(torch.float16))
         for i, x in enumerate(inputs):
-            for state in (None, torch.randn(n, generator=g) * 0.1):
-                kw = dict(stochastic=stochastic, seed=n + i, state=state)
+            for state, bf16 in ((None, False), (torch.randn(n, generator=g) * 0.1, False),
+                                (torch.randn(n, generator=g) * 0.1, True)):
+                kw = dict(stochastic=stochastic, seed=n + i, state=state, bf16_scales=bf16)
                 a = ops.sparseloco_encode(x, chunk, k_chunk, kl, impl="torch", **kw)
                 b = ops.sparseloco_encode(x, chunk, k_chunk, kl, impl="cpp", **kw)
-                what = f"n={n} input={i} state={state is not None}"
+                what = f"n={n} input={i} state={state is not None} bf16={bf16}"
                 assert torch.equal(a[0], b[0]), f"codes {what}"
                 assert torch.equal(a[1], b[1]), f"offsets {what}"
                 assert_bit_equal(a[2], b[2], f"scales {what}")
                 if state is not None:
                     assert_bit_equal(a[3], b[3], f"residual {what}")
                 assert a[4] == b[4] == 0
+
+
+def test_sparseloco_bf16_scales_are_bf16_values_and_the_residual_is_exact():
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(3)) * 1.2345
+    codes, offsets, scales, s_out, _ = ops.sparseloco_encode(
+        x, 100, 9, 9, state=torch.zeros(1000), bf16_scales=True, impl="torch"
+    )
+    assert torch.equal(scales, scales.to(torch.bfloat16).to(torch.float32))
+    plain = ops.sparseloco_encode(x, 100, 9, 9, impl="torch")[2]
+    assert not torch.equal(scales, plain)  # the levels were rounded
+    decoded = torch.zeros(1000)
+    values = ops.reference.sparseloco_values(codes, scales, 1000, 100, 9, 9)
+    ids = ops.reference.chunk_ids(1000, 100, 9, 9)
+    decoded[ids * 100 + offsets.to(torch.int64)] = values
+    assert torch.equal(s_out, x - decoded)  # EF residual against the transmitted levels
 
 
 def test_sparseloco_reference_semantics():

@@ -57,13 +57,14 @@ def delayed(model: torch.nn.Module, inner_optimizer: torch.optim.Optimizer, mana
 def sparseloco(model: torch.nn.Module, inner_optimizer: torch.optim.Optimizer, manager: Any,
                sync_every: int = 50, ratio: float = 64 / 4096, chunk: int = 4096,
                decay: float = 0.95, lr: float = 1.0, rounding: str = "nearest",
-               momentum: float = 0.0, nesterov: bool = False, **kwargs: Any) -> DiLoCo:
+               momentum: float = 0.0, nesterov: bool = False, scale_dtype: str = "float32",
+               **kwargs: Any) -> DiLoCo:
     """SparseLoCo: top-k per chunk + 2-bit values + decayed error feedback, outer lr 1.0.
 
     The paper's outer step is plain SGD (the decayed error feedback plays momentum's part);
     `momentum` / `nesterov` add outer momentum on top.
     """
-    codec = codecs.SparseLoCo(ratio=ratio, chunk=chunk, rounding=rounding)
+    codec = codecs.SparseLoCo(ratio=ratio, chunk=chunk, rounding=rounding, scale_dtype=scale_dtype)
     outer = OuterSGD(lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0)
     return DiLoCo(model, inner_optimizer, manager, sync_every, codec=codec, error_feedback=True,
                   feedback_decay=decay, outer_optimizer=outer, **kwargs)

@@ -38,7 +38,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-ABI_VERSION = 5
+ABI_VERSION = 6
 CPU_SOURCES = ("bindings.cpp", "quantize.cpp", "topk.cpp", "outer.cpp")
 CUDA_SOURCES = ("cuda_bindings.cpp", "cuda/quantize.cu")
 HEADERS = ("common.h", "kernels.h")

@@ -354,6 +354,7 @@ def sparseloco_encode(
     seed: int = 0,
     state: torch.Tensor | None = None,
     state_out: torch.Tensor | None = None,
+    bf16_scales: bool = False,
     impl: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
     """SparseLoCo encoding: chunked top-k of p = x (+ state), kept values in 2 bits.
@@ -361,7 +362,9 @@ def sparseloco_encode(
     Returns ``(codes, offsets, scales, state_out, nonfinite)``: codes packed 4 per byte
     (bit 0 sign, bit 1 level), offsets uint16 bit patterns in int16 (as topk_chunked), scales
     (lo, hi) per chunk; with a state (classic EF) state_out = p - D(C(p)). Stochastic rounding
-    draws the number of kept entry i from (seed, i). See reference.sparseloco_encode.
+    draws the number of kept entry i from (seed, i). bf16_scales rounds the levels to
+    bfloat16 before they are used (scales stay fp32 tensors holding bf16 values). See
+    reference.sparseloco_encode.
     """
     flat, n, state_out = _prep_sparse(x, state, state_out)
     _check_chunking(chunk, k_chunk, k_last)
@@ -369,7 +372,8 @@ def sparseloco_encode(
     which = _impl_for(flat, impl, cuda_ok=False)
     if which == "torch":
         codes, idx, scales, s_new, bad = ref.sparseloco_encode(
-            flat, chunk, k_chunk, k_last, stochastic=stochastic, keys=keys, state=state
+            flat, chunk, k_chunk, k_last, stochastic=stochastic, keys=keys, state=state,
+            bf16_scales=bf16_scales,
         )
         if state is not None:
             state_out.view(-1).copy_(s_new)
@@ -381,7 +385,7 @@ def sparseloco_encode(
     scales = torch.empty(2 * nch, dtype=torch.float32)
     bad = _build.get("cpu").sparseloco_encode(
         flat.contiguous(), state, state_out, chunk, k_chunk, k_last, stochastic, keys[0],
-        keys[1], codes, indices, scales,
+        keys[1], codes, indices, scales, bf16_scales,
     )  # fmt: skip
     if bad:
         return codes[:0], indices[:0], scales[:0], state_out, int(bad)

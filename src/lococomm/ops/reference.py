@@ -353,6 +353,7 @@ def sparseloco_encode(
     stochastic: bool = False,
     keys: tuple[int, int] = (0, 0),
     state: torch.Tensor | None = None,
+    bf16_scales: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
     """Chunked top-k of p = x (+ state), each kept value in 2 bits.
 
@@ -372,6 +373,9 @@ def sparseloco_encode(
     mag = values.abs()
     lo = torch.zeros(nch).scatter_reduce(0, ids, mag, "amin", include_self=False)
     hi = torch.zeros(nch).scatter_reduce(0, ids, mag, "amax", include_self=False)
+    if bf16_scales:  # the levels the wire carries; the residual is exact against them
+        lo = lo.to(torch.bfloat16).to(torch.float32)
+        hi = hi.to(torch.bfloat16).to(torch.float32)
     span = (hi - lo)[ids]
     t = torch.where(span > 0, (mag - lo[ids]) / torch.where(span > 0, span, 1.0), 0.0)
     if stochastic:
