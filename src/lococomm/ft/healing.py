@@ -86,6 +86,14 @@ def plan_chunks(specs: list[TensorSpec], chunk_bytes: int = CHUNK_BYTES) -> list
     return chunks
 
 
+def chunk_size_for(state_bytes: int, max_chunk_bytes: int = CHUNK_BYTES) -> int:
+    """Chunk size for a state: max_chunk_bytes for large states, smaller (down to 1 MiB) for
+    small ones so that even they are cut into ~16 chunks that pipeline (the next chunk travels
+    while the last one is hashed) and spread over every source."""
+    size = min(max_chunk_bytes, max(1 << 20, state_bytes // 16))
+    return max(4096, size // 4096 * 4096)
+
+
 def chunk_nbytes(chunk: list[Segment]) -> int:
     return sum(s.end - s.start for s in chunk)
 
@@ -191,7 +199,7 @@ class Healer:
                 "skeleton": snapshot.skeleton,
                 "specs": [s.to_json() for s in snapshot.specs],
                 "sources": self.sources,
-                "chunk_bytes": self.chunk_bytes,
+                "chunk_bytes": chunk_size_for(snapshot.nbytes, self.chunk_bytes),
             }
             self.store.set("heal/meta", json.dumps(meta))
         wait_key(self.store, "heal/meta", self.comm.abort, self.deadline)
