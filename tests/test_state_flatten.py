@@ -137,6 +137,7 @@ def test_chunk_size_cuts_small_states_finer_and_caps_large_ones():
     from lococomm.ft.healing import CHUNK_BYTES, chunk_size_for
 
     assert chunk_size_for(10 << 30) == CHUNK_BYTES
-    assert chunk_size_for(10 << 20) == (10 << 20) // 16 // 4096 * 4096  # ~16 chunks
+    assert chunk_size_for(64 << 20) == 4 << 20  # ~16 chunks
+    assert chunk_size_for(10 << 20) == 1 << 20  # never below 1 MiB
     assert chunk_size_for(100) == 1 << 20  # never below 1 MiB
     assert all(chunk_size_for(n) % 4096 == 0 for n in (1, 5 << 20, 77_777_777))
