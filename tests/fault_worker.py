@@ -43,6 +43,9 @@ def main() -> None:
     parser.add_argument("--mismatch", default="shape", choices=["shape", "dtype"])
     parser.add_argument("--mismatch-always", action="store_true", help="never fix the mismatch")
     parser.add_argument("--max-retries", type=int, default=100)
+    parser.add_argument("--until-member", default="", help="after --steps, keep going until this "
+                        "replica has been a member for --extra-steps committed steps")
+    parser.add_argument("--extra-steps", type=int, default=10)
     args = parser.parse_args()
     logging.basicConfig(
         level=logging.INFO, format=f"%(asctime)s {args.replica} %(name)s: %(message)s", stream=sys.stderr
@@ -59,7 +62,8 @@ def main() -> None:
     out.write(json.dumps({"event": "registered", "time": time.time()}) + "\n")
     stopped = False
     mismatched = False  # only the first attempt of --mismatch-at uses the wrong tensor
-    while manager.step < args.steps:
+    target = args.steps
+    while manager.step < target or (args.until_member and target == args.steps):
         if manager.step == args.leave_at:
             out.write(json.dumps({"event": "leave", "step": manager.step, "time": time.time()}) + "\n")
             manager.close()
@@ -108,6 +112,8 @@ def main() -> None:
             )
             + "\n"
         )
+        if committed and args.until_member in manager.members and target == args.steps:
+            target = max(args.steps, manager.step + args.extra_steps)
         if args.step_sleep:
             time.sleep(args.step_sleep)
     out.write(json.dumps({"event": "done", "step": manager.step, "time": time.time()}) + "\n")

@@ -144,24 +144,26 @@ def test_sigstop_survivors_resume_within_heartbeat_timeout_and_stopped_worker_re
 @pytest.mark.timeout(120)
 def test_joiner_admitted_at_step_boundary_without_disturbing_members(workers, coordinator_factory):
     coordinator = coordinator_factory(heartbeat_timeout=1.0, initial_workers=3)
+    # The members run 100 steps, and on until w3 has been a member for 10 of them: the
+    # joiner's start-up (torch import) may outlast any fixed number of steps under load.
     for i in range(3):
         workers.start(
             f"w{i}", "fault_worker.py", "--coordinator", coordinator.address, "--replica", f"w{i}",
-            "--steps", "100", "--step-sleep", "0.05",
+            "--steps", "100", "--step-sleep", "0.05", "--until-member", "w3",
         )
     workers.wait_for(
         lambda: any(r["step"] >= 15 for r in workers.records("w0", "step")), 60, "step 15"
     )
     workers.start(
         "w3", "fault_worker.py", "--coordinator", coordinator.address, "--replica", "w3",
-        "--steps", "100",
+        "--steps", "100", "--until-member", "w3",
     )
     for name in ("w0", "w1", "w2", "w3"):
         assert workers.wait_exit(name, 90) == 0, workers.dump()
     for name in ("w0", "w1", "w2"):
         rows = workers.records(name, "step")
         assert all(r["committed"] for r in rows), [r for r in rows if not r["committed"]]
-        assert [r["step"] for r in rows] == list(range(100))
+        assert len(rows) >= 100 and [r["step"] for r in rows] == list(range(len(rows)))
         for r in rows:
             assert r["value"] == expected_sum(r["members"], r["step"]), r
         assert any(len(r["members"]) == 4 for r in rows)
