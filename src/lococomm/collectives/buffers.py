@@ -83,11 +83,7 @@ class Graveyard:
         a group joins its worker threads, which would block until the gloo timeout. An idle
         group is destroyed on a helper thread (closing its sockets and joining its threads takes
         ~10 ms, which would otherwise sit on the critical path of a heal or re-quorum)."""
-        if self.prune():
-            with self._lock:
-                self._groups.append(group)
-            return
-        threading.Thread(target=_drop, args=([group],), daemon=True, name="lococomm-pg-reaper").start()
+        self.retire_groups([group])
 
     def retire_groups(self, groups: list[Any]) -> None:
         """`retire_group` for several groups, taking them out of `groups` (emptied): when the
