@@ -63,7 +63,8 @@ def sparseloco(model: torch.nn.Module, inner_optimizer: torch.optim.Optimizer, m
 
     The paper's outer step is plain SGD (the decayed error feedback plays momentum's part);
     `momentum` / `nesterov` add outer momentum on top (it diverged in docs/diloco.md's
-    tuning). The tuned setting there: ratio=0.05, chunk=256 (8-bit offsets), lr=1.5.
+    tuning). The tuned setting there (+2.4 % vs DDP, 1067x fewer bytes): ratio=1/16,
+    chunk=256 (8-bit offsets), scale_dtype="bfloat16", lr=2.0.
     """
     codec = codecs.SparseLoCo(ratio=ratio, chunk=chunk, rounding=rounding, scale_dtype=scale_dtype)
     outer = OuterSGD(lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0)
