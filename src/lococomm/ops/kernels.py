@@ -6,6 +6,8 @@ Every op takes ``impl=None | "torch" | "cpp" | "cuda"`` to force a backend (test
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from . import _build
@@ -530,26 +532,35 @@ def rng_u32(seed: int, offset: int, n: int, *, impl: str | None = None) -> torch
     return _build.get("cpu").rng(keys[0], keys[1], offset, n)
 
 
+def _checksum_module(op: str, impl: str | None, usable: bool = True) -> Any:
+    """The C++ module for a checksum op, or None for the torch reference.
+
+    impl=None never compiles anything (healing runs inside a step, where a first build would
+    stall the group): the C++ kernel if the extension is loaded or built and the inputs suit
+    it (`usable`), else the torch reference (itself faster than zlib.crc32 here)."""
+    if impl is None:
+        return _build.load_if_built("cpu") if usable else None
+    if impl not in ("torch", "cpp"):
+        raise ValueError(f"{op} impl must be 'torch' or 'cpp', got {impl!r}")
+    if impl == "torch":
+        return None
+    mod = _build.get("cpu")
+    if mod is None:
+        raise RuntimeError(f"cpp kernels unavailable: {_build.unavailable_reason('cpu')}")
+    return mod
+
+
 def checksum(data: torch.Tensor, *, impl: str | None = None) -> int:
     """64-bit multilinear checksum of a byte buffer (healing's per-chunk transfer check),
-    in [0, 2^64); the C++ kernel and the torch reference give the same value.
-
-    impl=None never compiles anything (it runs inside a step, where a first build would stall
-    the group): the C++ kernel if the extension is loaded or built, else the torch reference
-    (which is itself faster than zlib.crc32 here)."""
+    in [0, 2^64); the C++ kernel and the torch reference give the same value. impl=None
+    never compiles anything (see _checksum_module)."""
     if data.dtype != torch.uint8:
         raise TypeError(f"checksum expects a uint8 tensor, got {data.dtype}")
     if data.device.type != "cpu":
         data = data.cpu()
-    if impl is None:
-        impl = "cpp" if _build.load_if_built("cpu") is not None else "torch"
-    elif impl not in ("torch", "cpp"):
-        raise ValueError(f"checksum impl must be 'torch' or 'cpp', got {impl!r}")
-    if impl == "torch":
-        return ref.checksum(data)
-    mod = _build.get("cpu")
+    mod = _checksum_module("checksum", impl)
     if mod is None:
-        raise RuntimeError(f"cpp kernels unavailable: {_build.unavailable_reason('cpu')}")
+        return ref.checksum(data)
     return mod.checksum(data.reshape(-1).contiguous()) & ((1 << 64) - 1)
 
 
@@ -562,14 +573,8 @@ def checksum_copy(dst: torch.Tensor, src: torch.Tensor, *, impl: str | None = No
             raise TypeError(f"checksum_copy expects uint8 tensors, {what} is {t.dtype}")
     if dst.numel() != src.numel():
         raise ValueError(f"checksum_copy: dst has {dst.numel()} bytes, src {src.numel()}")
-    if impl is None:
-        usable = src.device.type == "cpu" and dst.device.type == "cpu" and dst.is_contiguous()
-        impl = "cpp" if usable and _build.load_if_built("cpu") is not None else "torch"
-    elif impl not in ("torch", "cpp"):
-        raise ValueError(f"checksum_copy impl must be 'torch' or 'cpp', got {impl!r}")
-    if impl == "torch":
-        return ref.checksum_copy(dst, src)
-    mod = _build.get("cpu")
+    usable = src.device.type == "cpu" and dst.device.type == "cpu" and dst.is_contiguous()
+    mod = _checksum_module("checksum_copy", impl, usable)
     if mod is None:
-        raise RuntimeError(f"cpp kernels unavailable: {_build.unavailable_reason('cpu')}")
+        return ref.checksum_copy(dst, src)
     return mod.checksum_copy(dst, src.reshape(-1).contiguous()) & ((1 << 64) - 1)

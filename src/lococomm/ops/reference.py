@@ -543,6 +543,7 @@ def checksum(data: torch.Tensor) -> int:
 
 
 def checksum_copy(dst: torch.Tensor, src: torch.Tensor) -> int:
-    """Reference of the fused kernel: copy src into dst, return checksum(src)."""
+    """Reference of the fused kernel: copy src into dst, return checksum(src) (hashed on the
+    CPU, so staging buffers on a GPU work too)."""
     dst.copy_(src)
-    return checksum(src)
+    return checksum(src if src.device.type == "cpu" else src.cpu())
