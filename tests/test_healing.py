@@ -77,8 +77,12 @@ def test_source_killed_during_transfer_joiner_heals_from_another(workers, coordi
     joiner_log = workers.stderr("w3")
     assert "healing failed" in joiner_log, joiner_log[-2000:]
     # the joiner's blob (a plain-dict value it holds exclusively) was being received in place:
-    # the abandoned transfer must have moved it to new memory before the retry
-    assert "re-pointed 1 owned tensor(s)" in joiner_log, joiner_log[-2000:]
+    # an abandoned transfer must have moved it to new memory before the retry (w1 logs
+    # "sending" once its group is built; a kill that still lands before the joiner posted a
+    # receive fails the heal at the group rendezvous, with nothing to re-point)
+    failure = next(line for line in joiner_log.splitlines() if "healing failed" in line)
+    if "rendezvous" not in failure:
+        assert "re-pointed 1 owned tensor(s)" in joiner_log, joiner_log[-2000:]
     assert "healed" in joiner_log
     finals = {workers.records(n, "done")[0]["digest"] for n in ("w0", "w2", "w3")}
     assert len(finals) == 1

@@ -144,7 +144,8 @@ def chunk_digest(data: torch.Tensor) -> str:
 
 def chunk_digest_copy(staged: torch.Tensor, pieces: list[tuple[torch.Tensor, int]]) -> str:
     """`chunk_digest(staged)` while copying staged[offset : offset + len(dst)] into each dst of
-    `pieces`: one pass over the staged bytes instead of two (`ops.checksum_copy`)."""
+    `pieces`: a chunk that is one piece of a tensor is copied and hashed in one pass
+    (`ops.checksum_copy`); a packed chunk of small tensors is copied, then hashed."""
     if len(pieces) == 1 and pieces[0][0].numel() == staged.numel():
         return f"{ops.checksum_copy(pieces[0][0], staged):016x}:{staged.numel()}"
     for dst, offset in pieces:
@@ -209,6 +210,7 @@ class Healer:
         sources = meta["sources"]
         chunks = plan_chunks(snapshot.specs, meta["chunk_bytes"])
         mine = [i for i in range(len(chunks)) if sources[i % len(sources)] == rank]
+        group = self._build({f"heal/{rank}": (0, 1 + len(self.receivers))})[f"heal/{rank}"]
         log.info(
             "heal: sending %d of %d chunks (%d bytes of state) to ranks %s",
             len(mine),
@@ -216,7 +218,6 @@ class Healer:
             snapshot.nbytes,
             self.receivers,
         )
-        group = self._build({f"heal/{rank}": (0, 1 + len(self.receivers))})[f"heal/{rank}"]
         views = [_byte_view(t) if s.nbytes else None for s, t in zip(snapshot.specs, snapshot.tensors)]
         opts = _root_zero()
         digests: dict[str, str] = {}
@@ -275,7 +276,6 @@ class Healer:
         free = list(range(len(staging)))
         received: dict[str, str] = {}
         in_flight: list[tuple[Any, int, int, torch.Tensor]] = []  # (work, chunk, slot or -1, buffer)
-        exposed: set[int] = set()  # owned tensors a receive was posted into
         next_chunk = 0
         try:
             while next_chunk < len(chunks) or in_flight:
@@ -283,8 +283,6 @@ class Healer:
                     if direct[next_chunk]:
                         seg = chunks[next_chunk][0]
                         slot, buf = -1, views[seg.tensor][seg.start : seg.end]
-                        if kinds[seg.tensor] == OWNED:
-                            exposed.add(seg.tensor)
                     elif free:
                         slot = free.pop()
                         buf = staging[slot][: chunk_nbytes(chunks[next_chunk])]
@@ -311,7 +309,9 @@ class Healer:
             # Ops still in flight keep their buffers (and so the storage of any owned tensor
             # they view) alive in the graveyard; _wait has already buried them if it failed.
             self.comm.graveyard.bury([w for w, _, _, _ in in_flight], [b for _, _, _, b in in_flight])
-            self._repoint([targets[i] for i in sorted(exposed)])
+            # owned tensors a receive was posted into
+            exposed = {chunks[i][0].tensor for i in range(next_chunk) if direct[i]}
+            self._repoint([targets[t] for t in sorted(exposed) if kinds[t] == OWNED])
             raise
         t3 = time.monotonic()
         expected: dict[str, str] = {}
