@@ -7,6 +7,12 @@ baseline is a plain ProcessGroupGloo broadcast of the nominal size from one proc
 other (the joiner's side of the transfer), measured in the same run; the ratio compares
 achieved GB/s (the model_adam state is within 1 % of the nominal size).
 
+`heal_s` is the joiner's heal from its epoch group being ready to the state loaded (the heal
+groups rendezvous and the metadata is published while the epoch group forms, so they are not
+in it); `heal_from_plan_s` counts from the epoch plan's arrival, epoch group rendezvous
+included; `phases_ms` splits the joiner's heal (metadata wait, heal-group wait, transfer,
+checksum verification, load).
+
     .venv/bin/python benchmarks/heal.py [--sizes-mb 10 100 1000] [--states blob model_adam]
 """
 
@@ -79,7 +85,8 @@ def heal_member(index: int, address: str, kind: str, nbytes: int, steps: int, qu
         manager.start_step()
         manager.commit()
         if index == 2 and manager.metrics.heal_seconds:
-            queue.put(("healed", manager.metrics.heal_seconds, manager.metrics.heal_bytes))
+            m = manager.metrics
+            queue.put(("healed", m.heal_seconds, m.heal_bytes, m.heal_from_plan_seconds, m.heal_phases))
             break
         time.sleep(0.01)
     manager.close()
@@ -106,7 +113,7 @@ def bench(kind: str, nbytes: int) -> dict:
             time.sleep(0.05)
         joiner = ctx.Process(target=heal_member, args=(2, coordinator.address, kind, nbytes, 10_000, queue))
         joiner.start()
-        _, seconds, moved = queue.get(timeout=900)
+        _, seconds, moved, from_plan, phases = queue.get(timeout=900)
         for p in members + [joiner]:
             p.terminate()
             p.join(30)
@@ -124,6 +131,10 @@ def bench(kind: str, nbytes: int) -> dict:
         "ratio_to_raw": round(heal_gbps / raw_gbps, 3),
         "bytes_received": moved,
         "target_ratio": 0.8,
+        # from the epoch plan's arrival: + the epoch group's rendezvous, which every epoch
+        # change pays and which the heal groups' rendezvous and the metadata overlap
+        "heal_from_plan_s": round(from_plan, 4),
+        "phases_ms": phases,
     }
 
 

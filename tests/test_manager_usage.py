@@ -56,7 +56,13 @@ def test_mismatched_collective_fails_the_step_with_a_message_naming_it(workers, 
         assert [r["step"] for r in failed] == [3], rows
         message = failed[0]["failure"]
         assert "'grads'" in message and "mismatched" in message, message
-        assert ("numel" if kind == "shape" else "dtype") in message, message
+        # Every member names who holds what (w1 is rank 1 of the epoch, see --replica).
+        expected = (
+            "numel 1000 on rank [0], 1001 on rank [1]"
+            if kind == "shape"
+            else "dtype float32 on rank [0], float64 on rank [1]"
+        )
+        assert expected in message, message
         # The step is retried (with the right tensor) and training carries on to the end.
         assert [r["step"] for r in rows if r["committed"]] == list(range(6))
         # Untouched on failure.

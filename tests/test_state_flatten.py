@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -102,7 +104,7 @@ def test_heal_targets_receive_owned_tensors_in_place_and_repoint_them_on_abandon
     snap = state.snapshot()
     specs = [*snap.specs, TensorSpec("extra.new", "float32", (5,), "cpu")]
     comm = SimpleNamespace(device=torch.device("cpu"), timeout=5.0)
-    healer = Healer(comm, None, state, [0], [1], make_group=None)
+    healer = Healer(comm, None, state, [0], [1], groups=None)  # type: ignore[arg-type]
     targets, kinds = healer._targets(specs)
     kind = {s.path: k for s, k in zip(specs, kinds)}
     assert kind["model.weight"] == SHARED
@@ -141,3 +143,56 @@ def test_chunk_size_cuts_small_states_finer_and_caps_large_ones():
     assert chunk_size_for(10 << 20) == 1 << 20  # never below 1 MiB
     assert chunk_size_for(100) == 1 << 20  # never below 1 MiB
     assert all(chunk_size_for(n) % 4096 == 0 for n in (1, 5 << 20, 77_777_777))
+
+
+class _RecordingGraveyard:
+    def __init__(self) -> None:
+        self.retired: list = []
+
+    def retire_groups(self, groups: list) -> None:
+        self.retired.extend(groups)
+        groups.clear()
+
+
+@pytest.mark.timeout(30)
+def test_heal_groups_rendezvous_in_the_background_and_late_ones_are_retired():
+    """HealGroups starts every rendezvous at once (a receiver joins one group per source, a
+    source its own, a bystander none); a group that finishes after the heal was given up is
+    handed to the graveyard rather than leaked."""
+    import threading
+
+    from lococomm.collectives.abort import AbortSignal
+    from lococomm.ft.healing import HealError, HealGroups
+
+    release = threading.Event()
+    calls: list[tuple[str, int, int]] = []
+
+    def make_group(suffix: str, rank: int, size: int) -> object:
+        calls.append((suffix, rank, size))
+        if suffix == "heal/2":
+            release.wait(10)
+        return ("group", suffix)
+
+    abort = AbortSignal()
+    receiver = HealGroups(3, [2, 0], [3, 1], make_group, abort)  # rank 3: second receiver
+    assert receiver.wanted == {"heal/0": (2, 3), "heal/2": (2, 3)}
+    with pytest.raises(HealError, match="timed out"):
+        receiver.wait(time.monotonic() + 0.2)  # heal/2 is still rendezvousing
+    graveyard = _RecordingGraveyard()
+    receiver.retire(graveyard)
+    assert graveyard.retired == [("group", "heal/0")]
+    release.set()
+    deadline = time.monotonic() + 5
+    while len(graveyard.retired) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert graveyard.retired == [("group", "heal/0"), ("group", "heal/2")]
+
+    source = HealGroups(0, [0, 2], [1, 3], make_group, abort)
+    assert source.wait(time.monotonic() + 5) == {"heal/0": ("group", "heal/0")}
+    assert HealGroups(5, [0, 2], [1, 3], make_group, abort).wanted == {}  # bystander
+
+    def broken(suffix: str, rank: int, size: int) -> object:
+        raise RuntimeError("connection refused")
+
+    with pytest.raises(HealError, match="connection refused"):
+        HealGroups(1, [0], [1], broken, abort).wait(time.monotonic() + 5)

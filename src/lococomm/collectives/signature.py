@@ -2,8 +2,8 @@
 
 Gloo does not check: a dtype mismatch silently sums garbage and a size mismatch kills the
 process from a gloo thread (std::terminate, measured here). So before the data moves, members
-exchange a fixed-size header (one tiny int64 MAX all-reduce of the fields and their negations:
-equal everywhere iff max == min for every field). Callers that guarantee identical layouts
+exchange a fixed-size header (one tiny all-gather of 7 int64 fields per member; every member
+compares all rows, so all of them reach the same verdict and the message names who differs). Callers that guarantee identical layouts
 (an algorithm that verified its bucket layout for the epoch) can skip it; the per-step signature
 hash in the commit vote still catches any divergence before a step is applied.
 """
@@ -66,33 +66,55 @@ def fields(kind: str, op_code: int, tensor: torch.Tensor, extra: int = 0) -> lis
 
 
 def check(comm: Communicator, values: list[int], description: str) -> str | None:
-    """Exchange the header; None if every member has the same fields, else a message."""
-    k = len(values)
-    header = torch.tensor(values + [-v for v in values], dtype=torch.int64)
-    if comm.device.type != "cpu":
-        header = header.to(comm.device)
-    import torch.distributed as dist
+    """Exchange the header; None if every member has the same fields, else a message naming
+    the fields that differ and which ranks hold which value.
 
-    opts = dist.AllreduceOptions()
-    opts.reduceOp = dist.ReduceOp.MAX
+    An all-gather of k int64 per member rather than a MAX all-reduce of fields and negations:
+    its latency is lower (0.44 vs 0.61 ms at 2 workers, 3.3 vs 4.9 ms at 4 workers sharing
+    2 cores, measured here) and it tells who differs."""
+    import torch.distributed as dist  # noqa: F401  (the group's ops need it loaded)
+
+    k = len(values)
+    header = torch.tensor(values, dtype=torch.int64)
+    gathered = torch.empty(comm.world_size * k, dtype=torch.int64)
+    if comm.device.type != "cpu":
+        header, gathered = header.to(comm.device), gathered.to(comm.device)
     try:
-        work = comm.pg.allreduce([header], opts)
+        work = comm.pg._allgather_base(gathered, header)
     except Exception as e:
         return f"{description}: could not start the signature check: {e}"
     err = comm.wait([work])
     if err is not None:
-        comm.graveyard.bury([work], [header])
+        comm.graveyard.bury([work], [header, gathered])
         return f"{description}: signature check failed: {err}"
-    result = header.cpu().tolist()
-    highs, lows = result[:k], [-v for v in result[k:]]
-    diffs = [
-        f"{FIELD_NAMES[i]} {lo}..{hi}" if FIELD_NAMES[i] != "shape" else "shape differs"
-        for i, (hi, lo) in enumerate(zip(highs, lows))
-        if hi != lo
-    ]
+    rows = gathered.cpu().view(comm.world_size, k).tolist()
+    diffs = [_describe_difference(i, [row[i] for row in rows]) for i in range(k)]
+    diffs = [d for d in diffs if d]
     if diffs:
         return (
-            f"{description}: members called mismatched collectives ({', '.join(diffs)} across "
-            "members); check that every replica runs the same code on the same shapes"
+            f"{description}: members called mismatched collectives ({'; '.join(diffs)}); "
+            "check that every replica runs the same code on the same shapes"
         )
     return None
+
+
+def _describe_difference(field: int, per_rank: list[int]) -> str:
+    """'' if every rank has the same value, else e.g. "numel 16 on ranks [0, 2], 8 on rank [1]"."""
+    if len(set(per_rank)) == 1:
+        return ""
+    name = FIELD_NAMES[field] if field < len(FIELD_NAMES) else f"field {field}"
+    groups: dict[int, list[int]] = {}
+    for rank, value in enumerate(per_rank):
+        groups.setdefault(value, []).append(rank)
+    if name == "shape":
+        return "shape differs between ranks " + " and ".join(str(r) for r in groups.values())
+    if name == "dtype":
+        shown = {_dtype_name(v): r for v, r in groups.items()}
+    else:
+        shown = dict(groups.items())
+    parts = [f"{value} on rank{'s' if len(r) > 1 else ''} {r}" for value, r in shown.items()]
+    return f"{name} " + ", ".join(parts)
+
+
+def _dtype_name(code: int) -> str:
+    return str(_DTYPES[code - 1]).replace("torch.", "") if 0 < code <= len(_DTYPES) else str(code)

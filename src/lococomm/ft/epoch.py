@@ -143,21 +143,32 @@ class EpochGroups:
 
     def store(self) -> Any:
         if self._store is None or self._store_generation != self.client.generation:
-            self._store = dist.TCPStore(
-                self.client.host,
-                self.client.store_port,
-                is_master=False,
-                timeout=timedelta(seconds=self.timeout),
-                wait_for_workers=False,
-            )
+            self._store = self._connect()
             self._store_generation = self.client.generation
         return self._store
 
+    def _connect(self) -> Any:
+        return dist.TCPStore(
+            self.client.host,
+            self.client.store_port,
+            is_master=False,
+            timeout=timedelta(seconds=self.timeout),
+            wait_for_workers=False,
+        )
+
     def new_group(self, prefix: str, rank: int, size: int) -> Any:
-        """A process group of `size` ranks rendezvousing under `prefix` of the store."""
+        """A process group of `size` ranks rendezvousing under `prefix` of the store.
+
+        Each rendezvous gets a store connection of its own (~0.3 ms to open): a TCPStore
+        client runs one op at a time and holds its lock through a blocking get/wait, so two
+        groups rendezvousing at once over one client (the epoch group and the heal groups that
+        overlap it) can deadlock across processes -- mine waits for your key while your set
+        queues behind your wait for mine -- and a rendezvous given up after an abort would keep
+        the shared client blocked until the store timeout. The shared `store()` is left to
+        short key operations (heal metadata, digests)."""
         return new_process_group(
             self.backend,
-            dist.PrefixStore(prefix, self.store()),
+            dist.PrefixStore(prefix, self._connect()),
             rank,
             size,
             self.timeout,

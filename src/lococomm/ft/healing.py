@@ -3,9 +3,11 @@
 Protocol (inside one epoch, after its process group is built; the coordinator's epoch plan
 names the sources and receivers, bystanders take no part):
 
-1. The primary source (lowest rank) publishes `heal/meta` in the epoch's store: the JSON
-   skeleton (all non-tensor state), tensor specs, source ranks and chunk size. Names, shapes
-   and dtypes never travel any other way, and nothing is pickled.
+1. As soon as the epoch's plan arrives -- while the epoch's own group is still rendezvousing
+   -- the primary source (lowest rank) publishes `heal/meta` in the epoch's store (the JSON
+   skeleton of all non-tensor state, tensor specs, source ranks and chunk size; names, shapes
+   and dtypes never travel any other way, and nothing is pickled), and every source and
+   receiver starts its heal groups' rendezvous (`HealGroups`).
 2. The state's bytes are cut into chunks (`plan_chunks`: big tensors split, small ones
    packed); chunk i comes from source i mod len(sources), so a large state is spread over
    every healthy source. Each source broadcasts its chunks in a small group of its own
@@ -98,6 +100,20 @@ def chunk_nbytes(chunk: list[Segment]) -> int:
     return sum(s.end - s.start for s in chunk)
 
 
+def publish_meta(store: Any, snapshot: Any, sources: list[int], max_chunk_bytes: int = CHUNK_BYTES) -> dict:
+    """The primary source's `heal/meta`: the JSON skeleton (all non-tensor state), tensor
+    specs, source ranks and chunk size. Published as soon as the epoch's plan is known (before
+    any process group exists), so receivers find it when their groups are ready."""
+    meta = {
+        "skeleton": snapshot.skeleton,
+        "specs": [s.to_json() for s in snapshot.specs],
+        "sources": sorted(sources),
+        "chunk_bytes": chunk_size_for(snapshot.nbytes, max_chunk_bytes),
+    }
+    store.set("heal/meta", json.dumps(meta))
+    return meta
+
+
 class HealError(RuntimeError):
     """The transfer failed (peer gone, abort, timeout, or a digest mismatch)."""
 
@@ -118,8 +134,11 @@ def _byte_view(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def wait_key(store: Any, key: str, abort: AbortSignal, deadline: float) -> None:
-    """Poll the store for `key` without blocking past an abort."""
-    delay = 0.001
+    """Poll the store for `key` without blocking past an abort (a check is one ~0.1 ms round
+    trip: fine-grained at first, since the key is usually only a moment away, then backing
+    off to 5 ms). Not `store.wait` with a timeout: a timed-out wait may leave the shared
+    client connection out of step."""
+    delay = 0.0002
     while True:
         try:
             if store.check([key]):
@@ -131,7 +150,7 @@ def wait_key(store: Any, key: str, abort: AbortSignal, deadline: float) -> None:
         if time.monotonic() > deadline:
             raise HealError(f"timed out waiting for {key!r}")
         time.sleep(delay)
-        delay = min(delay * 2, 0.005)
+        delay = min(delay * 1.5, 0.005)
 
 
 def chunk_digest(data: torch.Tensor) -> str:
@@ -156,6 +175,80 @@ def chunk_digest_copy(staged: torch.Tensor, pieces: list[tuple[torch.Tensor, int
 GroupFactory = Callable[[str, int, int], Any]  # (store suffix, rank, size) -> process group
 
 
+class HealGroups:
+    """The heal's process groups ({source} + receivers, one per source), built on helper
+    threads from the moment the epoch's plan is known, concurrently with the epoch's own group.
+
+    Each rendezvous takes 2-4 ms on loopback; built after the epoch group they sat in series on
+    a joiner's critical path. A source joins its own group; a receiver joins one per source;
+    a bystander none. Groups finished after `retire` (the epoch was given up) go straight to
+    the graveyard's reaper."""
+
+    def __init__(
+        self,
+        rank: int,
+        sources: list[int],
+        receivers: list[int],
+        make_group: GroupFactory,
+        abort: AbortSignal,
+    ) -> None:
+        sources, receivers = sorted(sources), sorted(receivers)
+        size = 1 + len(receivers)
+        self.wanted: dict[str, tuple[int, int]] = {}
+        if rank in sources:
+            self.wanted[f"heal/{rank}"] = (0, size)
+        elif rank in receivers:
+            mine = 1 + receivers.index(rank)
+            self.wanted = {f"heal/{s}": (mine, size) for s in sources}
+        self._abort = abort
+        self._lock = threading.Lock()
+        self._results: dict[str, Any] = {}
+        self._errors: list[str] = []
+        self._graveyard: Any = None  # set by retire()
+        for suffix, (group_rank, group_size) in self.wanted.items():
+            threading.Thread(
+                target=self._build,
+                args=(make_group, suffix, group_rank, group_size),
+                daemon=True,
+                name="lococomm-heal-group",
+            ).start()
+
+    def _build(self, make_group: GroupFactory, suffix: str, rank: int, size: int) -> None:
+        try:
+            group = make_group(suffix, rank, size)
+        except BaseException as e:
+            with self._lock:
+                self._errors.append(f"{suffix}: {e}")
+        else:
+            with self._lock:
+                late = self._graveyard
+                if late is None:
+                    self._results[suffix] = group
+            if late is not None:  # the heal was given up while this group rendezvoused
+                late.retire_groups([group])
+            del group
+        self._abort.notify()
+
+    def wait(self, deadline: float) -> dict[str, Any]:
+        """Every group of this member, or HealError (rendezvous failed, abort, timeout)."""
+        err = self._abort.wait_until(
+            lambda: len(self._results) + len(self._errors) == len(self.wanted), deadline
+        )
+        if err is not None:
+            raise HealError(f"heal group rendezvous {err}")
+        if self._errors:
+            raise HealError(f"heal group rendezvous failed: {self._errors[0]}")
+        return dict(self._results)
+
+    def retire(self, graveyard: Any) -> None:
+        """Hand every group built so far, and any that finishes later, to `graveyard`."""
+        with self._lock:
+            self._graveyard = graveyard
+            built = list(self._results.values())
+            self._results.clear()
+        graveyard.retire_groups(built)
+
+
 class Healer:
     """Runs one epoch's heal for this member (source, receiver or bystander)."""
 
@@ -166,20 +259,21 @@ class Healer:
         state: ReplicatedState,
         sources: list[int],
         receivers: list[int],
-        make_group: GroupFactory,
+        groups: HealGroups,
         chunk_bytes: int = CHUNK_BYTES,
+        published: tuple[Any, dict] | None = None,
     ) -> None:
         self.comm = comm
         self.store = store
         self.state = state
         self.sources = sorted(sources)
         self.receivers = sorted(receivers)
-        self.make_group = make_group
+        self.groups = groups
+        self.published = published  # (snapshot, meta) if this primary source already published
         self.chunk_bytes = chunk_bytes
         self.deadline = time.monotonic() + comm.timeout
         self.bytes_moved = 0
         self.phases: dict[str, float] = {}
-        self._groups: list[Any] = []
 
     def run(self) -> None:
         rank = self.comm.rank
@@ -189,28 +283,26 @@ class Healer:
             elif rank in self.receivers:
                 self._as_receiver()
         finally:
-            self.comm.graveyard.retire_groups(self._groups)
+            self.groups.retire(self.comm.graveyard)
 
     # ------------------------------------------------------------------ source side
     def _as_source(self) -> None:
-        snapshot = self.state.snapshot()
         rank = self.comm.rank
-        if rank == self.sources[0]:
-            meta = {
-                "skeleton": snapshot.skeleton,
-                "specs": [s.to_json() for s in snapshot.specs],
-                "sources": self.sources,
-                "chunk_bytes": chunk_size_for(snapshot.nbytes, self.chunk_bytes),
-            }
-            self.store.set("heal/meta", json.dumps(meta))
-        wait_key(self.store, "heal/meta", self.comm.abort, self.deadline)
-        meta = json.loads(self.store.get("heal/meta"))
+        if self.published is not None:  # the primary source published it up front
+            snapshot, meta = self.published
+        elif rank == self.sources[0]:
+            snapshot = self.state.snapshot()
+            meta = publish_meta(self.store, snapshot, self.sources, self.chunk_bytes)
+        else:
+            snapshot = self.state.snapshot()
+            wait_key(self.store, "heal/meta", self.comm.abort, self.deadline)
+            meta = json.loads(self.store.get("heal/meta"))
         if [s.to_json() for s in snapshot.specs] != meta["specs"]:
             raise HealError("this source's tensor layout differs from the primary source's")
         sources = meta["sources"]
         chunks = plan_chunks(snapshot.specs, meta["chunk_bytes"])
         mine = [i for i in range(len(chunks)) if sources[i % len(sources)] == rank]
-        group = self._build({f"heal/{rank}": (0, 1 + len(self.receivers))})[f"heal/{rank}"]
+        group = self.groups.wait(self.deadline)[f"heal/{rank}"]
         log.info(
             "heal: sending %d of %d chunks (%d bytes of state) to ranks %s",
             len(mine),
@@ -248,10 +340,10 @@ class Healer:
         sources = meta["sources"]
         if not sources:
             raise HealError("no source to heal from")
-        my_rank = 1 + self.receivers.index(self.comm.rank)
-        size = 1 + len(self.receivers)
+        if sources != self.sources:
+            raise HealError(f"the primary source names sources {sources}, the epoch plan {self.sources}")
         t1 = time.monotonic()
-        groups = self._build({f"heal/{s}": (my_rank, size) for s in sources})
+        groups = self.groups.wait(self.deadline)
         t2 = time.monotonic()
         targets, kinds = self._targets(specs)
         chunks = plan_chunks(specs, meta["chunk_bytes"])
@@ -334,34 +426,6 @@ class Healer:
         log.info("heal phases (ms): %s", {k: round(v, 1) for k, v in self.phases.items()})
 
     # ------------------------------------------------------------------ helpers
-    def _build(self, wanted: dict[str, tuple[int, int]]) -> dict[str, Any]:
-        """Build the heal groups (in parallel; a receiver joins one per source)."""
-        results: dict[str, Any] = {}
-        errors: list[str] = []
-
-        def build(suffix: str, rank: int, size: int) -> None:
-            try:
-                results[suffix] = self.make_group(suffix, rank, size)
-            except BaseException as e:
-                errors.append(f"{suffix}: {e}")
-            self.comm.abort.notify()
-
-        threads = [
-            threading.Thread(target=build, args=(k, r, n), daemon=True, name="lococomm-heal-group")
-            for k, (r, n) in wanted.items()
-        ]
-        for thread in threads:
-            thread.start()
-        err = self.comm.abort.wait_until(
-            lambda: len(results) + len(errors) == len(wanted), self.deadline
-        )
-        self._groups.extend(results.values())
-        if err is not None:
-            raise HealError(f"heal group rendezvous {err}")
-        if errors:
-            raise HealError(f"heal group rendezvous failed: {errors[0]}")
-        return results
-
     def _targets(self, specs: list[TensorSpec]) -> tuple[list[torch.Tensor], list[str]]:
         """Where each tensor is received, and how (FRESH, OWNED or SHARED).
 

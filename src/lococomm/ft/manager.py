@@ -34,7 +34,7 @@ from lococomm.collectives.buffers import BufferPool, Graveyard
 from lococomm.collectives.communicator import Communicator, Handle
 from lococomm.collectives.stats import accumulate as accumulate_stats
 from lococomm.ft.epoch import EpochGroups, EpochInfo
-from lococomm.ft.healing import Healer, HealError
+from lococomm.ft.healing import Healer, HealError, HealGroups, publish_meta
 from lococomm.ft.session import CoordinatorSession
 from lococomm.ft.state import ReplicatedState
 from lococomm.ops import _build
@@ -53,8 +53,12 @@ class StepMetrics:
     failed: int = 0
     epochs: int = 0
     quorum_seconds: float = 0.0  # time spent in the last re-quorum (incl. group build + heal)
-    heal_seconds: float = 0.0
+    heal_seconds: float = 0.0  # last heal as a receiver, from its epoch group being ready
     heal_bytes: int = 0
+    # the same heal from the epoch plan's arrival: includes the epoch group's rendezvous,
+    # which the heal groups' rendezvous and the metadata overlap; and the receiver's phases (ms)
+    heal_from_plan_seconds: float = 0.0
+    heal_phases: dict[str, float] = field(default_factory=dict)
     bytes_sent: int = 0  # collective payload bytes this worker sent, cumulative
     last_failure: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -81,6 +85,16 @@ class _EpochContext:
     abort: AbortSignal
     comm: Communicator | None = None
     commits: int = 0
+
+
+@dataclass
+class _HealStart:
+    """A heal begun before the epoch group exists (Manager._prepare_heal)."""
+
+    groups: HealGroups
+    store: Any  # the epoch's heal prefix of the coordinator's store
+    published: tuple[Any, dict] | None  # (snapshot, meta) on the primary source
+    started: float  # time.monotonic() when the epoch plan arrived
 
 
 class Manager:
@@ -589,11 +603,19 @@ class Manager:
             reason = self._session.failed_decision(info.number)
             if reason is not None:  # it failed before we even built the group
                 ctx.abort.abort(reason)
+            try:
+                heal = self._prepare_heal(ctx)
+            except Exception as e:  # the store (coordinator) went away
+                log.warning("epoch %d: could not prepare the heal (%s); forming a new quorum", info.number, e)
+                self._retire_epoch(f"heal preparation failed: {e}")
+                continue
             if not self._build_group(ctx):
+                if heal is not None:
+                    heal.groups.retire(self.graveyard)
                 self._retire_epoch("rendezvous failed")
                 continue
             try:
-                self._heal(ctx)
+                self._heal(ctx, heal)
             except HealError as e:
                 log.warning("epoch %d: healing failed (%s); forming a new quorum", info.number, e)
                 self._retire_epoch(f"healing failed: {e}")
@@ -614,29 +636,53 @@ class Manager:
             )
             return
 
-    def _heal(self, ctx: _EpochContext) -> None:
+    def _prepare_heal(self, ctx: _EpochContext) -> _HealStart | None:
+        """Start this member's heal-group rendezvous and, on the primary source, publish the
+        heal metadata, so both overlap the epoch group's rendezvous. None when the epoch heals
+        nobody."""
+        info = ctx.info
+        if not info.receivers or info.world_size == 1:
+            return None
+        started = time.monotonic()
+        prefix = info.store_prefix
+        sources = info.ranks_of(info.sources)
+        store = dist.PrefixStore(f"{prefix}/heal", self._groups.store())
+        published = None
+        if info.rank == min(sources):
+            snapshot = self._state.snapshot()
+            published = (snapshot, publish_meta(store, snapshot, sources))
+        groups = HealGroups(
+            info.rank,
+            sources,
+            info.ranks_of(info.receivers),
+            lambda suffix, rank, size: self._groups.new_group(f"{prefix}/{suffix}", rank, size),
+            ctx.abort,
+        )
+        return _HealStart(groups, store, published, started)
+
+    def _heal(self, ctx: _EpochContext, heal: _HealStart | None) -> None:
         """Run this epoch's healing plan; afterwards every member is at the epoch's step."""
         info = ctx.info
         comm = ctx.comm
         assert comm is not None
-        if info.receivers and comm.world_size > 1:
+        if heal is not None:
             started = time.monotonic()
-            store = dist.PrefixStore(f"{info.store_prefix}/heal", self._groups.store())
             healer = Healer(
                 comm,
-                store,
+                heal.store,
                 self._state,
                 info.ranks_of(info.sources),
                 info.ranks_of(info.receivers),
-                make_group=lambda suffix, rank, size: self._groups.new_group(
-                    f"{info.store_prefix}/{suffix}", rank, size
-                ),
+                heal.groups,
+                published=heal.published,
             )
             healer.run()
             seconds = time.monotonic() - started
             if self.replica_id in info.receivers:
                 self.metrics.heal_seconds = seconds
                 self.metrics.heal_bytes = healer.bytes_moved
+                self.metrics.heal_from_plan_seconds = time.monotonic() - heal.started
+                self.metrics.heal_phases = {k: round(v, 3) for k, v in healer.phases.items()}
                 log.info(
                     "healed %d bytes of state from %s in %.3f s (step %d -> %d)",
                     healer.bytes_moved,
