@@ -110,7 +110,11 @@ def publish_meta(store: Any, snapshot: Any, sources: list[int], max_chunk_bytes:
         "sources": sorted(sources),
         "chunk_bytes": chunk_size_for(snapshot.nbytes, max_chunk_bytes),
     }
-    store.set("heal/meta", json.dumps(meta))
+    text = json.dumps(meta)  # a non-JSON value in the state raises here, to the caller
+    try:
+        store.set("heal/meta", text)
+    except (RuntimeError, OSError) as e:  # the store (coordinator) went away
+        raise HealError(f"could not publish the heal metadata: {e}") from e
     return meta
 
 

@@ -605,9 +605,9 @@ class Manager:
                 ctx.abort.abort(reason)
             try:
                 heal = self._prepare_heal(ctx)
-            except Exception as e:  # the store (coordinator) went away
-                log.warning("epoch %d: could not prepare the heal (%s); forming a new quorum", info.number, e)
-                self._retire_epoch(f"heal preparation failed: {e}")
+            except HealError as e:
+                log.warning("epoch %d: %s; forming a new quorum", info.number, e)
+                self._retire_epoch(str(e))
                 continue
             if not self._build_group(ctx):
                 if heal is not None:
@@ -650,7 +650,7 @@ class Manager:
         published = None
         if info.rank == min(sources):
             snapshot = self._state.snapshot()
-            published = (snapshot, publish_meta(store, snapshot, sources))
+            published = (snapshot, publish_meta(store, snapshot, sources))  # HealError if the store is gone
         groups = HealGroups(
             info.rank,
             sources,
