@@ -34,12 +34,39 @@ class ScriptedWork:
         raise RuntimeError("Operation timed out")
 
 
+class ScriptedGather:
+    """The signature exchange (`_allgather_base`): the peer's row is `peer_row` (None: the
+    same as ours); it completes after `polls` calls of is_completed(), so a test can watch
+    what the caller does while it is in flight."""
+
+    def __init__(self, out: torch.Tensor, row: torch.Tensor, peer_row: list[int] | None, polls: int) -> None:
+        k = row.numel()
+        out[:k] = row
+        out[k:] = row if peer_row is None else torch.tensor(peer_row, dtype=row.dtype)
+        self.polls = polls
+
+    def is_completed(self) -> bool:
+        self.polls -= 1
+        return self.polls < 0
+
+    def wait(self, timeout=None) -> bool:
+        self.polls = -1
+        return True
+
+
 class ScriptedGroup:
     """all-reduce ops behave as `behaviours` lists them, in order ('ok' once it runs out)."""
 
-    def __init__(self, behaviours: list[str]) -> None:
+    def __init__(self, behaviours: list[str], check_polls: int = 0, peer_row: list[int] | None = None) -> None:
         self.behaviours = list(behaviours)
         self.works: list[ScriptedWork] = []
+        self.check_polls = check_polls
+        self.peer_row = peer_row
+        self.log: list[str] = []  # "check" / "allreduce", in the order they were issued
+
+    def _allgather_base(self, out, tensor):
+        self.log.append("check")
+        return ScriptedGather(out, tensor, self.peer_row, self.check_polls)
 
     @property
     def issued(self) -> list[torch.Tensor]:
@@ -47,6 +74,7 @@ class ScriptedGroup:
         return [w.tensor for w in self.works]
 
     def allreduce(self, tensors, opts):
+        self.log.append("allreduce")
         work = ScriptedWork(tensors[0], self.behaviours.pop(0) if self.behaviours else "ok")
         self.works.append(work)
         return work
