@@ -137,22 +137,23 @@ def _byte_view(tensor: torch.Tensor) -> torch.Tensor:
     return t.contiguous().reshape(-1).view(torch.uint8)
 
 
-def wait_key(store: Any, key: str, abort: AbortSignal, deadline: float) -> None:
+def wait_key(store: Any, key: str | list[str], abort: AbortSignal, deadline: float) -> None:
     """Poll the store for `key` without blocking past an abort (a check is one ~0.1 ms round
     trip: fine-grained at first, since the key is usually only a moment away, then backing
     off to 5 ms). Not `store.wait` with a timeout: a timed-out wait may leave the shared
     client connection out of step."""
+    keys = [key] if isinstance(key, str) else list(key)
     delay = 0.0002
     while True:
         try:
-            if store.check([key]):
+            if store.check(keys):  # True once every key exists
                 return
         except Exception as e:  # the store (coordinator) went away
-            raise HealError(f"store unavailable while waiting for {key!r}: {e}") from e
+            raise HealError(f"store unavailable while waiting for {keys!r}: {e}") from e
         if abort.aborted:
             raise HealError(f"aborted: {abort.reason}")
         if time.monotonic() > deadline:
-            raise HealError(f"timed out waiting for {key!r}")
+            raise HealError(f"timed out waiting for {keys!r}")
         time.sleep(delay)
         delay = min(delay * 1.5, 0.005)
 
@@ -332,8 +333,11 @@ class Healer:
             self.bytes_moved += data.numel() * len(self.receivers)
             if len(in_flight) >= WINDOW:
                 self._wait([in_flight.pop(0)], pending=in_flight)
-        self._wait(in_flight)
+        # Every digest is known once the last chunk is hashed: publish before the last waits
+        # so the receiver finds them as soon as its data is in (if the transfer fails, the
+        # receiver's own wait fails too and the digests are never used).
         self.store.set(f"heal/chunks/{rank}", json.dumps(digests))
+        self._wait(in_flight)
 
     # ------------------------------------------------------------------ receiver side
     def _as_receiver(self) -> None:
@@ -411,9 +415,10 @@ class Healer:
             raise
         t3 = time.monotonic()
         expected: dict[str, str] = {}
-        for source in sources:
-            wait_key(self.store, f"heal/chunks/{source}", self.comm.abort, self.deadline)
-            expected.update(json.loads(self.store.get(f"heal/chunks/{source}")))
+        keys = [f"heal/chunks/{source}" for source in sources]
+        wait_key(self.store, keys, self.comm.abort, self.deadline)
+        for value in self.store.multi_get(keys):
+            expected.update(json.loads(value))
         bad = sorted(int(i) for i in expected if received.get(i) != expected[i])
         if bad or len(expected) != len(chunks):
             raise HealError(f"state chunks {bad[:8]} arrived corrupted (digest mismatch)")
