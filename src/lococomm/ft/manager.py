@@ -604,7 +604,8 @@ class Manager:
             if reason is not None:  # it failed before we even built the group
                 ctx.abort.abort(reason)
             try:
-                heal = self._prepare_heal(ctx)
+                # (not for an epoch already known dead: its rendezvous would only time out)
+                heal = self._prepare_heal(ctx) if reason is None else None
             except HealError as e:
                 log.warning("epoch %d: %s; forming a new quorum", info.number, e)
                 self._retire_epoch(str(e))
