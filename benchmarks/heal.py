@@ -8,7 +8,9 @@ other (the joiner's side of the transfer), measured in the same run. Each size i
 `--repeats` times (a fresh job each) against 2 x repeats + 1 raw broadcasts; `ratio_to_raw`
 compares the medians' achieved GB/s, `ratio_to_raw_best` the bests' (min over runs): like for
 like, since a single 10 MB transfer here varies 2-10 ms from run to run (the model_adam state
-is within 1 % of the nominal size).
+is within 1 % of the nominal size). `raw_broadcast_fresh_s` / `ratio_to_raw_fresh`: the same
+broadcast into memory the receiver has never written, what a joiner lacking part of the state
+(e.g. AdamW's moments) receives into.
 
 `heal_s` is the joiner's heal from its epoch group being ready to the state loaded (the heal
 groups rendezvous and the metadata is published while the epoch group forms, so they are not
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import multiprocessing as mp
 import socket
 import statistics
@@ -55,7 +58,19 @@ def raw_broadcast(rank: int, world: int, port: int, nbytes: int, iterations: int
         start = time.perf_counter()
         pg.broadcast([data], opts).wait()
         times.append(time.perf_counter() - start)
-    queue.put((rank, times))
+    # The same into memory the receiver has never written (what a joiner lacking the state,
+    # e.g. optimizer moments, receives into): a new buffer each time, allocated untimed.
+    fresh_times = []
+    for _ in range(iterations):
+        # an anonymous mapping of its own: malloc could hand back memory freed a moment ago
+        region = None if rank == 0 else mmap.mmap(-1, nbytes // 4 * 4)
+        target = data if region is None else torch.frombuffer(region, dtype=torch.float32)
+        pg.barrier().wait()
+        start = time.perf_counter()
+        pg.broadcast([target], opts).wait()
+        fresh_times.append(time.perf_counter() - start)
+        del target, region
+    queue.put((rank, times, fresh_times))
 
 
 def make_state(kind: str, nbytes: int, index: int) -> dict:
@@ -127,10 +142,12 @@ def bench(kind: str, nbytes: int, repeats: int) -> dict:
     procs = [ctx.Process(target=raw_broadcast, args=(r, 2, port, nbytes, iterations, queue)) for r in range(2)]
     for p in procs:
         p.start()
-    per_rank = [queue.get(timeout=600)[1] for _ in procs]
+    per_rank = [queue.get(timeout=600)[1:] for _ in procs]
     for p in procs:
         p.join()
-    raw_times = [max(ts) for ts in zip(*per_rank)]  # an iteration ends when both ranks are done
+    # an iteration ends when both ranks are done
+    raw_times = [max(ts) for ts in zip(*(r[0] for r in per_rank))]
+    fresh_times = [max(ts) for ts in zip(*(r[1] for r in per_rank))]
     heals = [heal_once(kind, nbytes, queue, ctx) for _ in range(repeats)]
     heal_times = [h[0] for h in heals]
     moved = heals[0][1]
@@ -150,6 +167,9 @@ def bench(kind: str, nbytes: int, repeats: int) -> dict:
         # achieved GB/s of the heal over that of the raw broadcast
         "ratio_to_raw": round((moved / heal_s) / (nbytes / raw_s), 3),
         "ratio_to_raw_best": round((moved / best_heal) / (nbytes / best_raw), 3),
+        # against a raw broadcast into never-written memory (context for a fresh joiner)
+        "raw_broadcast_fresh_s": round(statistics.median(fresh_times), 4),
+        "ratio_to_raw_fresh": round((moved / heal_s) / (nbytes / statistics.median(fresh_times)), 3),
         "heal_s_all": [round(t, 4) for t in heal_times],
         "raw_broadcast_s_all": [round(t, 4) for t in raw_times],
         "bytes_received": moved,

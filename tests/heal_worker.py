@@ -37,7 +37,7 @@ def main() -> None:
         parser.error("--coordinator/--replica (or LOCOCOMM_COORDINATOR/LOCOCOMM_REPLICA_ID) needed")
     args.out = args.out.replace("{replica}", args.replica)
     logging.basicConfig(
-        level=logging.INFO, format=f"%(asctime)s {args.replica} %(name)s: %(message)s", stream=sys.stderr
+        level=getattr(logging, os.environ.get("HEAL_WORKER_LOG", "INFO")), format=f"%(asctime)s {args.replica} %(name)s: %(message)s", stream=sys.stderr
     )
     torch.set_num_threads(1)
     torch.manual_seed(int(args.replica.lstrip("w")) + 100)  # a different init on every worker

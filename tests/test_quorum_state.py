@@ -229,3 +229,32 @@ def test_restarted_process_of_a_member_is_a_joiner_not_a_required_member():
     state.touch(9, 2.0)
     epochs = sends(form(state, [0, 1], now=2.6), "epoch")  # 0.6 s later: not fresh any more
     assert {a.message["world_size"] for a in epochs} == {2}
+
+
+def test_resumed_coordinator_does_not_start_over_with_a_fresh_worker_that_reconnects_first():
+    """Soak regression: a restarted process (step 0, no previous epoch) reached a restarted
+    coordinator before the survivors re-registered, formed an epoch alone and committed steps
+    0-2 a second time. A coordinator told it resumes a job waits for reporting members."""
+    state = QuorumState(heartbeat_timeout=10.0, recovery_timeout=3.0, resume=True, now=0.0)
+    state.register(0, "w1", 0, 1, 0, 0, [], now=0.01)  # the fresh process, first to arrive
+    assert sends(state.request_quorum(0, 0, 0.02), "epoch") == []
+    assert sends(state.tick(1.0), "epoch") == []  # still within recovery_timeout
+    state.register(1, "w0", 0, 1, 3530, 52, ["w0", "w2"], now=1.1)
+    state.register(2, "w2", 0, 1, 3530, 52, ["w0", "w2"], now=1.1)
+    state.request_quorum(1, 3530, 1.2)
+    epochs = sends(state.request_quorum(2, 3530, 1.7), "epoch")
+    assert len(epochs) == 3 and {e.message["max_step"] for e in epochs} == {3530}
+    assert epochs[0].message["epoch"] == 53
+    assert set(epochs[0].message["receivers"]) == {"w1"}  # the fresh process is healed
+
+
+def test_resumed_coordinator_starts_over_after_recovery_timeout_if_nobody_reports():
+    state = QuorumState(heartbeat_timeout=10.0, recovery_timeout=3.0, resume=True, now=0.0)
+    state.register(0, "w1", 0, 1, 0, 0, [], now=0.01)
+    assert sends(state.request_quorum(0, 0, 0.02), "epoch") == []
+    epochs = sends(state.tick(3.1), "epoch")
+    assert len(epochs) == 1 and epochs[0].message["max_step"] == 0
+    # Without resume (a coordinator starting a job) the fresh worker starts at once.
+    state = QuorumState(heartbeat_timeout=10.0, recovery_timeout=3.0, now=0.0)
+    state.register(0, "w1", 0, 1, 0, 0, [], now=0.01)
+    assert len(sends(state.request_quorum(0, 0, 0.6), "epoch")) == 1

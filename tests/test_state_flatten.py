@@ -196,3 +196,46 @@ def test_heal_groups_rendezvous_in_the_background_and_late_ones_are_retired():
 
     with pytest.raises(HealError, match="connection refused"):
         HealGroups(1, [0], [1], broken, abort).wait(time.monotonic() + 5)
+
+
+@pytest.mark.timeout(30)
+def test_rendezvous_borrow_store_clients_from_a_pool(monkeypatch):
+    """Concurrent rendezvous never share a store client (a blocking wait holds the client's
+    lock: cross-process deadlock), and sequential ones reuse one instead of connecting anew
+    (every 25th TCPStore client a process creates takes 5 s to connect here)."""
+    import threading
+    from types import SimpleNamespace
+
+    from lococomm.ft import epoch
+
+    client = SimpleNamespace(host="127.0.0.1", store_port=1, generation=1, local_address="127.0.0.1")
+    groups = epoch.EpochGroups("gloo", 5.0, torch.device("cpu"), client)
+    made: list[object] = []
+    monkeypatch.setattr(groups, "_connect", lambda: made.append(object()) or made[-1])
+    used: list[object] = []
+    inside = threading.Barrier(2)
+
+    def fake_group(backend, prefix_store, rank, size, timeout, address, device_index):
+        used.append(prefix_store.underlying)
+        if rank == 9:  # two rendezvous in flight at once
+            inside.wait(5)
+        return ("group", rank)
+
+    class FakePrefixStore:
+        def __init__(self, prefix, store):
+            self.underlying = store
+
+    monkeypatch.setattr(epoch, "new_process_group", fake_group)
+    monkeypatch.setattr(epoch.dist, "PrefixStore", FakePrefixStore)
+    for r in range(3):
+        assert groups.new_group("p", r, 3) == ("group", r)
+    assert len(made) == 1 and used == [made[0]] * 3  # one client, reused
+    threads = [threading.Thread(target=groups.new_group, args=("q", 9, 2)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert len(made) == 2 and used[3] is not used[4]  # concurrent: distinct clients
+    client.generation = 2  # re-registered with a restarted coordinator: new store
+    groups.new_group("r", 0, 1)
+    assert len(made) == 3 and used[5] is made[2]

@@ -20,6 +20,7 @@ def _coordinator(args: argparse.Namespace) -> int:
         min_workers=args.min_workers,
         initial_workers=args.initial_workers,
         store_port=args.store_port,
+        resume=args.resume,
     )
     coordinator.start()
     print(coordinator.address, flush=True)
@@ -69,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     coord.add_argument("--heartbeat-timeout", type=float, default=5.0, help="seconds")
     coord.add_argument("--min-workers", type=int, default=1)
     coord.add_argument("--initial-workers", type=int, default=None)
+    coord.add_argument(
+        "--resume",
+        action="store_true",
+        help="this coordinator replaces one that was running a job (restart on the same address): "
+        "wait up to 5 s for workers reporting a previous epoch before starting from fresh ones",
+    )
     coord.set_defaults(func=_coordinator)
 
     run = sub.add_parser("run", help="run a script on N local workers under an embedded coordinator")

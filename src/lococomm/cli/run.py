@@ -134,6 +134,9 @@ class Launcher:
             initial_workers=self.config.workers if first else None,
             quorum_timeout=30.0,
             single_job=True,
+            # A restart takes over the job: a restarted worker that reconnects before the
+            # surviving members must not start a second history at step 0.
+            resume=not first,
         ).start()
         self.address = self.coordinator.address
 

@@ -129,8 +129,21 @@ def build_with_abort(build: Any, abort: AbortSignal, timeout: float) -> tuple[An
 class EpochGroups:
     """Builds the process groups of each epoch on the coordinator's TCPStore.
 
-    The store client is re-created whenever the worker re-registered (a restarted coordinator
+    Store clients are re-created whenever the worker re-registered (a restarted coordinator
     hosts a new store, announced in its welcome).
+
+    Rendezvous never share a client: a TCPStore client runs one op at a time and holds its
+    lock through a blocking get/wait, so two groups rendezvousing at once over one client (the
+    epoch group and the heal groups that overlap it) can deadlock across processes -- my wait
+    for your key holds my client while your set of the key I wait for queues behind your wait
+    for mine -- until the store timeout (reproduced with plain gloo groups). Nor does each
+    rendezvous open a connection of its own: with torch 2.13 every 25th TCPStore client a
+    process creates takes 5 s to connect (measured here, with either server backend), which
+    stalled joins. So a rendezvous borrows an idle client from a small pool and returns it
+    when its group exists (a gloo group does not use the store after construction); a
+    rendezvous abandoned after an abort keeps its client until it returns, and the next one
+    borrows another. The `store()` client is left to short key operations (heal metadata,
+    digests).
     """
 
     def __init__(self, backend: str, timeout: float, device: Any, client: Any) -> None:
@@ -140,6 +153,10 @@ class EpochGroups:
         self.client = client
         self._store: Any = None
         self._store_generation = -1
+        self._lock = threading.Lock()
+        self._idle: list[Any] = []  # rendezvous clients of `_idle_generation`, not in use
+        self._idle_generation = -1
+        self.connections = 0  # store clients created (for tests and logs)
 
     def store(self) -> Any:
         if self._store is None or self._store_generation != self.client.generation:
@@ -148,6 +165,7 @@ class EpochGroups:
         return self._store
 
     def _connect(self) -> Any:
+        self.connections += 1
         return dist.TCPStore(
             self.client.host,
             self.client.store_port,
@@ -156,25 +174,36 @@ class EpochGroups:
             wait_for_workers=False,
         )
 
-    def new_group(self, prefix: str, rank: int, size: int) -> Any:
-        """A process group of `size` ranks rendezvousing under `prefix` of the store.
+    def _borrow(self) -> tuple[Any, int]:
+        generation = self.client.generation
+        with self._lock:
+            if self._idle_generation != generation:
+                self._idle, self._idle_generation = [], generation
+            if self._idle:
+                return self._idle.pop(), generation
+        return self._connect(), generation
 
-        Each rendezvous gets a store connection of its own (~0.3 ms to open): a TCPStore
-        client runs one op at a time and holds its lock through a blocking get/wait, so two
-        groups rendezvousing at once over one client (the epoch group and the heal groups that
-        overlap it) can deadlock across processes -- mine waits for your key while your set
-        queues behind your wait for mine -- and a rendezvous given up after an abort would keep
-        the shared client blocked until the store timeout. The shared `store()` is left to
-        short key operations (heal metadata, digests)."""
-        return new_process_group(
-            self.backend,
-            dist.PrefixStore(prefix, self._connect()),
-            rank,
-            size,
-            self.timeout,
-            self.client.local_address,
-            self.device.index if self.device.type == "cuda" else None,
-        )
+    def _give_back(self, store: Any, generation: int) -> None:
+        with self._lock:
+            if generation == self._idle_generation == self.client.generation:
+                self._idle.append(store)
+
+    def new_group(self, prefix: str, rank: int, size: int) -> Any:
+        """A process group of `size` ranks rendezvousing under `prefix` of the store, on a
+        store client no other rendezvous is using (see the class docstring)."""
+        store, generation = self._borrow()
+        try:
+            return new_process_group(
+                self.backend,
+                dist.PrefixStore(prefix, store),
+                rank,
+                size,
+                self.timeout,
+                self.client.local_address,
+                self.device.index if self.device.type == "cuda" else None,
+            )
+        finally:
+            self._give_back(store, generation)
 
     def build(self, info: EpochInfo, abort: AbortSignal) -> tuple[Any, str | None]:
         """The epoch's cross-replica group (None for a group of one), or why it failed."""

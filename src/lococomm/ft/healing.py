@@ -181,13 +181,14 @@ GroupFactory = Callable[[str, int, int], Any]  # (store suffix, rank, size) -> p
 
 
 class HealGroups:
-    """The heal's process groups ({source} + receivers, one per source), built on helper
-    threads from the moment the epoch's plan is known, concurrently with the epoch's own group.
+    """The heal's process groups ({source} + receivers, one per source), built on a helper
+    thread from the moment the epoch's plan is known, concurrently with the epoch's own group.
 
-    Each rendezvous takes 2-4 ms on loopback; built after the epoch group they sat in series on
-    a joiner's critical path. A source joins its own group; a receiver joins one per source;
-    a bystander none. Groups finished after `retire` (the epoch was given up) go straight to
-    the graveyard's reaper."""
+    Each rendezvous takes 1-4 ms on loopback; built after the epoch group they sat in series on
+    a joiner's critical path. A source joins its own group; a receiver joins one per source,
+    one after the other in source order (every member uses the same order, and each rendezvous
+    borrows a store client of its own: see EpochGroups); a bystander none. Groups finished
+    after `retire` (the epoch was given up) go straight to the graveyard's reaper."""
 
     def __init__(
         self,
@@ -210,17 +211,22 @@ class HealGroups:
         self._results: dict[str, Any] = {}
         self._errors: list[str] = []
         self._graveyard: Any = None  # set by retire()
-        for suffix, (group_rank, group_size) in self.wanted.items():
+        if self.wanted:
             threading.Thread(
-                target=self._build,
-                args=(make_group, suffix, group_rank, group_size),
-                daemon=True,
-                name="lococomm-heal-group",
+                target=self._build_all, args=(make_group,), daemon=True, name="lococomm-heal-groups"
             ).start()
 
+    def _build_all(self, make_group: GroupFactory) -> None:
+        # One after the other, in source order (the same on every member, so no two members
+        # can wait on each other's later group), rather than one thread per group.
+        for suffix, (rank, size) in self.wanted.items():
+            self._build(make_group, suffix, rank, size)
+
     def _build(self, make_group: GroupFactory, suffix: str, rank: int, size: int) -> None:
+        started = time.monotonic()
         try:
             group = make_group(suffix, rank, size)
+            log.debug("heal group %s ready in %.1f ms", suffix, (time.monotonic() - started) * 1e3)
         except BaseException as e:
             with self._lock:
                 self._errors.append(f"{suffix}: {e}")

@@ -57,6 +57,9 @@ class Coordinator:
             quorum_timeout seconds; later epochs only need min_workers.
         single_job: once every member left after finishing, refuse to start a new job from
             step 0 (`lococomm run` uses this so late workers cannot restart training).
+        resume: this coordinator replaces one that ran the job (restarted on the same
+            address): its first epoch waits up to recovery_timeout for workers that report a
+            previous epoch instead of starting over with whichever fresh worker asks first.
         store_port: port of the hosted TCPStore (0 picks a free one).
     """
 
@@ -73,6 +76,7 @@ class Coordinator:
         store_port: int = 0,
         initial_workers: int | None = None,
         single_job: bool = False,
+        resume: bool = False,
     ) -> None:
         if token is None:
             import os
@@ -94,6 +98,7 @@ class Coordinator:
             recovery_timeout=recovery_timeout,
             initial_workers=initial_workers,
             single_job=single_job,
+            resume=resume,
             now=time.monotonic(),
         )
         self._store_port_requested = store_port

@@ -114,6 +114,7 @@ class QuorumState:
         recovery_timeout: float = 5.0,
         initial_workers: int | None = None,
         single_job: bool = False,
+        resume: bool = False,
         now: float = 0.0,
     ) -> None:
         if heartbeat_timeout <= 0:
@@ -124,6 +125,11 @@ class QuorumState:
         self.min_workers = min_workers
         self.initial_workers = max(min_workers, initial_workers or 0)
         self.single_job = single_job
+        # This coordinator takes over a running job (a restart on the same address): its first
+        # epoch must not be formed from fresh workers alone before the previous members have
+        # had recovery_timeout to report back -- a fresh worker that reconnects first would
+        # otherwise start a second history at step 0.
+        self.resume = resume
         self.join_timeout = join_timeout
         self.quorum_timeout = quorum_timeout
         self.recovery_timeout = recovery_timeout
@@ -505,6 +511,8 @@ class QuorumState:
         if not self._last_members and self.current is None:
             # Fresh coordinator: wait (bounded) for the members the workers report from before.
             reported = [w for w in self.workers.values() if w.last_epoch > 0]
+            if not reported and self.resume and now - self.started_at < self.recovery_timeout:
+                return []
             if reported:
                 newest = max(w.last_epoch for w in reported)
                 for w in reported:
