@@ -220,6 +220,8 @@ class HealGroups:
         # One after the other, in source order (the same on every member, so no two members
         # can wait on each other's later group), rather than one thread per group.
         for suffix, (rank, size) in self.wanted.items():
+            if self._graveyard is not None:  # given up: do not start further rendezvous
+                break
             self._build(make_group, suffix, rank, size)
 
     def _build(self, make_group: GroupFactory, suffix: str, rank: int, size: int) -> None:
