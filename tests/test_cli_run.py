@@ -58,3 +58,13 @@ def test_run_refuses_bad_input(tmp_path):
         [lococomm(), "run", str(tmp_path / "nope.py")], capture_output=True, text=True, timeout=60
     )
     assert missing.returncode == 2 and "not found" in missing.stderr
+
+
+def test_progress_bytes_do_not_drop_when_workers_leave_or_restart():
+    from lococomm.cli.run import BytesTally
+
+    tally = BytesTally()
+    assert tally.update({"w0": {"bytes": 100}, "w1": {"bytes": 50, "loss": 2.0}}) == 150
+    assert tally.update({"w0": {"bytes": 120}}) == 170  # w1 left (or the coordinator restarted)
+    assert tally.update({"w0": {"bytes": 130}, "w1": {"bytes": 5}}) == 130 + 50 + 5  # w1 restarted
+    assert tally.update({"w2": {"loss": 1.0}, "w3": "not a dict"}) == 185

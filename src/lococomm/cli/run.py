@@ -26,6 +26,27 @@ from lococomm.membership.coordinator import Coordinator
 DRAIN_GRACE_SECONDS = 5.0
 
 
+class BytesTally:
+    """Job total of the workers' cumulative `bytes` reports for the progress line: it does not
+    drop when a worker leaves or the coordinator restarts (the last report of each replica is
+    kept), nor when a restarted process counts from 0 again."""
+
+    def __init__(self) -> None:
+        self.last: dict[str, int] = {}
+        self.earlier = 0  # what processes sent before they restarted
+
+    def update(self, info: dict[str, Any]) -> int:
+        for replica, values in info.items():
+            reported = values.get("bytes") if isinstance(values, dict) else None
+            if not isinstance(reported, int):
+                continue
+            previous = self.last.get(replica, 0)
+            if reported < previous:
+                self.earlier += previous
+            self.last[replica] = reported
+        return self.earlier + sum(self.last.values())
+
+
 @dataclasses.dataclass
 class WorkerProcess:
     index: int
@@ -98,6 +119,7 @@ class Launcher:
         self.events_before_restart: list[dict[str, Any]] = []
         self.finals: dict[str, dict[str, Any]] = {}
         self._print_lock = threading.Lock()
+        self._bytes = BytesTally()
         self._next_index = config.workers
         self.members: list[str] = []
         self._finished_ok = False
@@ -341,7 +363,7 @@ class Launcher:
     def _status(self, snapshot: dict[str, Any]) -> None:
         info = snapshot.get("info", {})
         losses = [v["loss"] for v in info.values() if isinstance(v.get("loss"), int | float)]
-        sent = sum(v.get("bytes", 0) for v in info.values() if isinstance(v.get("bytes"), int))
+        sent = self._bytes.update(info)
         loss = f" | loss {statistics.fmean(losses):.3f}" if losses else ""
         alive = sum(1 for w in self.workers.values() if w.proc.poll() is None and not w.stopped)
         self._say(
