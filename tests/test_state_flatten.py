@@ -239,3 +239,9 @@ def test_rendezvous_borrow_store_clients_from_a_pool(monkeypatch):
     client.generation = 2  # re-registered with a restarted coordinator: new store
     groups.new_group("r", 0, 1)
     assert len(made) == 3 and used[5] is made[2]
+    # An NCCL group uses the store again at its first collective: it keeps its client.
+    nccl = epoch.EpochGroups("nccl", 5.0, torch.device("cpu"), client)
+    monkeypatch.setattr(nccl, "_connect", lambda: made.append(object()) or made[-1])
+    nccl.new_group("s", 0, 1)
+    nccl.new_group("t", 0, 1)
+    assert len(made) == 5 and used[6] is not used[7]

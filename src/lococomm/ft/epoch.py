@@ -140,7 +140,8 @@ class EpochGroups:
     rendezvous open a connection of its own: with torch 2.13 every 25th TCPStore client a
     process creates takes 5 s to connect (measured here, with either server backend), which
     stalled joins. So a rendezvous borrows an idle client from a small pool and returns it
-    when its group exists (a gloo group does not use the store after construction); a
+    when its group exists (a gloo group does not use the store after construction; an NCCL
+    group does, at its first collective, so it keeps its client); a
     rendezvous abandoned after an abort keeps its client until it returns, and the next one
     borrows another. The `store()` client is left to short key operations (heal metadata,
     digests).
@@ -192,6 +193,9 @@ class EpochGroups:
         """A process group of `size` ranks rendezvousing under `prefix` of the store, on a
         store client no other rendezvous is using (see the class docstring)."""
         store, generation = self._borrow()
+        # A gloo group is done with the store once built; an NCCL group (and gloo with
+        # TORCH_GLOO_LAZY_INIT) uses it again at its first collective, so its client is its own.
+        reusable = self.backend == "gloo" and not os.environ.get("TORCH_GLOO_LAZY_INIT")
         try:
             return new_process_group(
                 self.backend,
@@ -203,7 +207,8 @@ class EpochGroups:
                 self.device.index if self.device.type == "cuda" else None,
             )
         finally:
-            self._give_back(store, generation)
+            if reusable:
+                self._give_back(store, generation)
 
     def build(self, info: EpochInfo, abort: AbortSignal) -> tuple[Any, str | None]:
         """The epoch's cross-replica group (None for a group of one), or why it failed."""
