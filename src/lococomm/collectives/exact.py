@@ -84,18 +84,15 @@ def allreduce(
     if comm.world_size == 1 or comm.pg is None:
         return Handle.completed(True)
     description = signature.describe("allreduce", op, name, tensor)
-    if tensor.numel() == 0:
-        if verify:
-            err = signature.check(comm, signature.fields("allreduce", REDUCE_OPS[op], tensor), description)
-            if err is not None:
-                comm.fail(err)
-                return Handle.completed(False)
-        return Handle.completed(True)
     # The signature exchange runs while the first chunks are copied (local work that does not
     # depend on its verdict): on 4 workers sharing 2 cores it takes 3-6 ms.
-    check = None
-    if verify:
-        check = signature.start_check(comm, signature.fields("allreduce", REDUCE_OPS[op], tensor), description)
+    fields = signature.fields("allreduce", REDUCE_OPS[op], tensor)
+    check = signature.start_check(comm, fields, description) if verify else None
+    if tensor.numel() == 0:
+        err = check.result() if check is not None else None
+        if err is not None:
+            comm.fail(err)
+        return Handle.completed(err is None)
     opts = dist.AllreduceOptions()
     opts.reduceOp = _TORCH_OPS[op]
     chunks = plan_chunks(tensor.numel(), tensor.element_size())

@@ -3,9 +3,10 @@
 Gloo does not check: a dtype mismatch silently sums garbage and a size mismatch kills the
 process from a gloo thread (std::terminate, measured here). So before the data moves, members
 exchange a fixed-size header (one tiny all-gather of 7 int64 fields per member; every member
-compares all rows, so all of them reach the same verdict and the message names who differs). Callers that guarantee identical layouts
-(an algorithm that verified its bucket layout for the epoch) can skip it; the per-step signature
-hash in the commit vote still catches any divergence before a step is applied.
+compares all rows, so all of them reach the same verdict and the message names who differs).
+Callers that guarantee identical layouts (an algorithm that verified its bucket layout for the
+epoch) can skip it; the per-step signature hash in the commit vote still catches any
+divergence before a step is applied.
 """
 
 from __future__ import annotations

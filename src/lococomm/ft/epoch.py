@@ -157,7 +157,6 @@ class EpochGroups:
         self._lock = threading.Lock()
         self._idle: list[Any] = []  # rendezvous clients of `_idle_generation`, not in use
         self._idle_generation = -1
-        self.connections = 0  # store clients created (for tests and logs)
 
     def store(self) -> Any:
         if self._store is None or self._store_generation != self.client.generation:
@@ -166,7 +165,6 @@ class EpochGroups:
         return self._store
 
     def _connect(self) -> Any:
-        self.connections += 1
         return dist.TCPStore(
             self.client.host,
             self.client.store_port,

@@ -273,7 +273,6 @@ class Healer:
         sources: list[int],
         receivers: list[int],
         groups: HealGroups,
-        chunk_bytes: int = CHUNK_BYTES,
         published: tuple[Any, dict] | None = None,
     ) -> None:
         self.comm = comm
@@ -282,8 +281,7 @@ class Healer:
         self.sources = sorted(sources)
         self.receivers = sorted(receivers)
         self.groups = groups
-        self.published = published  # (snapshot, meta) if this primary source already published
-        self.chunk_bytes = chunk_bytes
+        self.published = published  # (snapshot, meta): the primary source published up front
         self.deadline = time.monotonic() + comm.timeout
         self.bytes_moved = 0
         self.phases: dict[str, float] = {}
@@ -301,11 +299,10 @@ class Healer:
     # ------------------------------------------------------------------ source side
     def _as_source(self) -> None:
         rank = self.comm.rank
-        if self.published is not None:  # the primary source published it up front
+        if self.published is not None:
             snapshot, meta = self.published
         elif rank == self.sources[0]:
-            snapshot = self.state.snapshot()
-            meta = publish_meta(self.store, snapshot, self.sources, self.chunk_bytes)
+            raise HealError("the primary source must publish the heal metadata first (publish_meta)")
         else:
             snapshot = self.state.snapshot()
             wait_key(self.store, "heal/meta", self.comm.abort, self.deadline)
