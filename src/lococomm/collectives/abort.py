@@ -15,11 +15,14 @@ threads entirely.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 # Longest a waiter can miss an abort: one slice of work.wait / one condition wait.
 WAIT_SLICE_SECONDS = 0.01
@@ -125,3 +128,33 @@ def _short(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     first = text[0] if text else type(e).__name__
     return first[:300]
+
+
+def build_with_abort(
+    build: Any, abort: AbortSignal, timeout: float, what: str = "process group"
+) -> tuple[Any, str | None]:
+    """Run `build()` (a process-group rendezvous) on a helper thread; return (result, None)
+    or (None, why it was given up), e.g. "process group rendezvous aborted: ...".
+
+    A given-up build keeps running in the background until its own rendezvous timeout; its
+    result is simply dropped.
+    """
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = build()
+        except BaseException as e:
+            box["error"] = e
+        abort.notify()
+
+    thread = threading.Thread(target=target, name="lococomm-pg-build", daemon=True)
+    started = time.monotonic()
+    thread.start()
+    err = abort.wait_until(lambda: "result" in box or "error" in box, started + timeout)
+    if err is not None:
+        return None, f"{what} rendezvous {err}"
+    if "error" in box:
+        return None, f"{what} rendezvous failed: {box['error']}"
+    log.debug("%s ready in %.1f ms", what, (time.monotonic() - started) * 1e3)
+    return box["result"], None

@@ -11,9 +11,9 @@ ring hop is a broadcast from rank 0 in that link's group. Why broadcasts in pair
   chunk to every member, W - 1 times the ring's traffic at W > 2).
 * building the two groups a member belongs to costs 2-13 ms on loopback, once per epoch.
 
-Groups are built one after the other in ascending link order on a helper thread: concurrent
-rendezvous through one TCPStore client block each other, and the ascending order cannot
-deadlock (link i waits only for links below it). An abort stops the wait at once; a build
+Groups are built one after the other in ascending link order on a helper thread
+(`build_with_abort`); the ascending order cannot deadlock (link i waits only for links below
+it). An abort stops the wait at once; a build
 given up keeps running in the background until its own timeout and its result is dropped.
 
 The groups of an epoch live as long as its communicator (they are referenced from a side
@@ -23,17 +23,13 @@ them is kept alive, with its group, by the graveyard (the caller buries the grou
 
 from __future__ import annotations
 
-import logging
-import threading
-import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from lococomm.collectives.abort import build_with_abort
 from lococomm.collectives.communicator import Communicator
-
-log = logging.getLogger(__name__)
 
 MakeGroup = Callable[[str, int, int], Any]  # (store suffix, rank, size) -> process group
 
@@ -62,30 +58,19 @@ def ring_links(comm: Communicator, make_group: MakeGroup | None) -> tuple[Links 
         return None, "compressed ring needs a process-group factory (use manager.allreduce)"
     w, r = comm.world_size, comm.rank
     left_link = (r - 1) % w
-    box: dict[str, Any] = {}
 
-    def build() -> None:
-        try:
-            for link in sorted({r, left_link}):
-                if link == r:
-                    box["right"] = make_group(f"ring/{link}", 0, 2)
-                if link == left_link:
-                    box["left"] = make_group(f"ring/{link}", 1, 2)
-        except BaseException as e:  # reported to the waiting thread
-            box["error"] = e
-        box["done"] = True
-        comm.abort.notify()
+    def build() -> Links:
+        built: dict[str, Any] = {}
+        for link in sorted({r, left_link}):
+            if link == r:
+                built["right"] = make_group(f"ring/{link}", 0, 2)
+            if link == left_link:
+                built["left"] = make_group(f"ring/{link}", 1, 2)
+        return Links(right=built["right"], left=built["left"])
 
-    started = time.monotonic()
-    thread = threading.Thread(target=build, name="lococomm-ring-links", daemon=True)
-    thread.start()
-    err = comm.abort.wait_until(lambda: "done" in box, started + comm.timeout)
-    if err is not None:
-        return None, f"ring links rendezvous {err}"
-    if "error" in box:
-        return None, f"ring links rendezvous failed: {box['error']}"
-    links = Links(right=box["right"], left=box["left"])
+    links, err = build_with_abort(build, comm.abort, comm.timeout, what="ring links")
+    if links is None:
+        return None, err
     _LINKS[key] = links
     weakref.finalize(comm, _LINKS.pop, key, None)
-    log.debug("epoch %d: ring links ready in %.1f ms", comm.epoch, (time.monotonic() - started) * 1e3)
     return links, None

@@ -12,14 +12,13 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 import torch.distributed as dist
 
-from lococomm.collectives.abort import AbortSignal
+from lococomm.collectives.abort import AbortSignal, build_with_abort
 
 log = logging.getLogger(__name__)
 
@@ -97,33 +96,6 @@ def new_process_group(
         opts._timeout = timedelta(seconds=timeout)
         return dist.ProcessGroupNCCL(prefix_store, rank, size, opts)
     raise ValueError(f"unknown backend {backend!r}; use 'gloo' or 'nccl'")
-
-
-def build_with_abort(build: Any, abort: AbortSignal, timeout: float) -> tuple[Any, str | None]:
-    """Run `build()` on a helper thread; return (result, None) or (None, why it was given up).
-
-    A given-up build keeps running in the background until its own rendezvous timeout; its
-    result is simply dropped.
-    """
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["pg"] = build()
-        except BaseException as e:
-            box["error"] = e
-        abort.notify()
-
-    thread = threading.Thread(target=target, name="lococomm-pg-build", daemon=True)
-    started = time.monotonic()
-    thread.start()
-    err = abort.wait_until(lambda: "pg" in box or "error" in box, started + timeout)
-    if err is not None:
-        return None, f"process group rendezvous {err}"
-    if "error" in box:
-        return None, f"process group rendezvous failed: {box['error']}"
-    log.debug("process group ready in %.1f ms", (time.monotonic() - started) * 1e3)
-    return box["pg"], None
 
 
 class EpochGroups:
