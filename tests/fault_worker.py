@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 
 import torch
@@ -22,6 +23,13 @@ import lococomm as lc
 
 def value_of(replica_id: str, step: int) -> float:
     return float((int(replica_id.lstrip("w")) + 1) * (step + 1))
+
+
+def send_signal(out, step: int, event: str, signum: int) -> None:
+    """Log the event, then signal this very process (SIGSTOP stops every thread)."""
+    out.write(json.dumps({"event": event, "step": step, "time": time.time()}) + "\n")
+    os.kill(os.getpid(), signum)
+    out.write(json.dumps({"event": "continued", "time": time.time()}) + "\n")
 
 
 def main() -> None:
@@ -39,6 +47,10 @@ def main() -> None:
     parser.add_argument("--step-sleep", type=float, default=0.0)
     parser.add_argument("--token", default=None)
     parser.add_argument("--view", action="store_true", help="all-reduce a view (private path)")
+    parser.add_argument("--sync", action="store_true", help="blocking all-reduce (large tensors "
+                        "take the zero-copy ring); --kill-at/--stop-at then signal from a timer "
+                        "thread --signal-delay seconds after the call began")
+    parser.add_argument("--signal-delay", type=float, default=0.005)
     parser.add_argument("--mismatch-at", type=int, default=-1, help="use a wrong shape/dtype here")
     parser.add_argument("--mismatch", default="shape", choices=["shape", "dtype"])
     parser.add_argument("--mismatch-always", action="store_true", help="never fix the mismatch")
@@ -82,16 +94,25 @@ def main() -> None:
             mismatched = not args.mismatch_always
         else:
             tensor = torch.full((args.numel,), value)
-        handle = manager.allreduce(tensor, op=args.op, async_op=True, name="grads")
+        signal_now = None
         if step == args.kill_at:
-            out.write(json.dumps({"event": "kill", "step": step, "time": time.time()}) + "\n")
-            os.kill(os.getpid(), signal.SIGKILL)
-        if step == args.stop_at and not stopped:
+            signal_now = ("kill", signal.SIGKILL)
+        elif step == args.stop_at and not stopped:
             stopped = True
-            out.write(json.dumps({"event": "stop", "step": step, "time": time.time()}) + "\n")
-            os.kill(os.getpid(), signal.SIGSTOP)
-            out.write(json.dumps({"event": "continued", "time": time.time()}) + "\n")
-        ok = handle.wait()
+            signal_now = ("stop", signal.SIGSTOP)
+        if args.sync:
+            timer = None
+            if signal_now is not None:
+                timer = threading.Timer(args.signal_delay, send_signal, (out, step, *signal_now))
+                timer.start()
+            ok = manager.allreduce(tensor, op=args.op, name="grads")
+            if timer is not None:
+                timer.join()
+        else:
+            handle = manager.allreduce(tensor, op=args.op, async_op=True, name="grads")
+            if signal_now is not None:
+                send_signal(out, step, *signal_now)
+            ok = handle.wait()
         committed = manager.commit()
         first = tensor.view(-1)[0].item()
         out.write(

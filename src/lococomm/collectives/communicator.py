@@ -32,6 +32,8 @@ class Communicator:
     epoch: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     bytes_sent: int = 0  # payload bytes this member put on the wire (algorithm estimate)
+    # (store suffix, rank, size) -> a process group of the epoch (ring links); None: no rings
+    make_group: Callable[[str, int, int], Any] | None = None
 
     def wait(self, works: list[Any], deadline: float | None = None) -> str | None:
         """Wait for works without blocking past an abort or the deadline (default: now +

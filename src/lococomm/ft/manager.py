@@ -453,6 +453,10 @@ class Manager:
         Returns True on success (False: the step failed and `tensor` is unchanged). With
         async_op=True returns a Handle whose wait() gives that bool. `verify` exchanges a
         signature header first so mismatched shapes/dtypes fail the step with a clear message.
+        A blocking call on a large (>= 8 MiB) contiguous CPU tensor runs a ring that never
+        writes `tensor` until it succeeded (no backup copy); if nothing else can see the
+        tensor's storage (no views, not numpy/shared memory) the tensor then takes the result
+        buffer's storage instead of a copy, so its data_ptr() changes.
 
         codec (e.g. lc.codecs.Int8()) compresses on the wire ("sum"/"mean" only; see
         docs/compressed_collectives.md); error_feedback (ErrorFeedback/EF21/EControl on the same
@@ -466,7 +470,9 @@ class Manager:
             raise ValueError(f"algorithm must be one of {compressed.ALGORITHMS}, got {algorithm!r}")
         comm = self._comm_for("allreduce")
         if codec is None and error_feedback is None:
-            handle = self._guard(lambda: exact.allreduce(comm, tensor, op, name, verify), False)
+            handle = self._guard(
+                lambda: exact.allreduce(comm, tensor, op, name, verify, blocking=not async_op), False
+            )
             return self._finish(handle, f"allreduce({op}) {name}", tensor, async_op)
         ctx = self._ctx
         assert ctx is not None
@@ -722,6 +728,9 @@ class Manager:
             fail=self.fail_step,
             epoch=info.number,
             device=self.device,
+            make_group=lambda suffix, rank, size: self._groups.new_group(
+                f"{info.store_prefix}/{suffix}", rank, size
+            ),
         )
         return True
 
