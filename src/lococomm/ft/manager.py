@@ -474,9 +474,6 @@ class Manager:
                 lambda: exact.allreduce(comm, tensor, op, name, verify, blocking=not async_op), False
             )
             return self._finish(handle, f"allreduce({op}) {name}", tensor, async_op)
-        ctx = self._ctx
-        assert ctx is not None
-        prefix = ctx.info.store_prefix
         if error_feedback is not None:
             # The EF state the call stages becomes current only if the step commits.
             key = name or f"allreduce#{len(self._signatures)}"
@@ -487,7 +484,7 @@ class Manager:
             lambda: compressed.allreduce(
                 comm, tensor, op, codec, error_feedback, name=name, verify=verify,
                 step=self._step, index=len(self._signatures),
-                make_group=lambda suffix, rank, size: self._groups.new_group(f"{prefix}/{suffix}", rank, size),
+                make_group=comm.make_group,
                 on_stats=lambda stats: accumulate_stats(self.metrics.compressed, stats),
                 algorithm=algorithm,
             ),
