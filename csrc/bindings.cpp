@@ -384,10 +384,16 @@ at::Tensor rng(int64_t k0, int64_t k1, int64_t offset, int64_t n) {
 
 }  // namespace
 
+// ring.cpp
+std::string ring_allreduce(int64_t left_fd, int64_t right_fd, int64_t abort_fd,
+                           const at::Tensor& x, at::Tensor& result, const at::Tensor& recvs,
+                           const at::Tensor& sends, int64_t op, int64_t world,
+                           double timeout_seconds);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "lococomm fused CPU kernels (see src/lococomm/ops for the torch references)";
   // Bumped whenever a binding's signature or semantics change; Python refuses a mismatch.
-  m.attr("ABI_VERSION") = 6;
+  m.attr("ABI_VERSION") = 7;
   m.def("quantize", &quantize, "block-absmax quantise (+ EF state update)");
   m.def("dequantize", &dequantize, "block dequantise (optionally += into out)");
   m.def("cast_encode", &cast_encode, "p = x (+ state) cast to the wire dtype (+ error)");
@@ -401,5 +407,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lowrank_product", &lowrank_product, "out = P Q^T, fixed-order outer products");
   m.def("checksum", &checksum_bytes, "multilinear 64-bit transfer checksum of a byte buffer");
   m.def("checksum_copy", &checksum_copy_bytes, "checksum of src while copying it into dst");
+  m.def("ring_allreduce", &ring_allreduce, "exact ring all-reduce schedule over two TCP sockets");
   m.def("rng", &rng, "counter-based RNG words (tests)");
 }

@@ -16,8 +16,10 @@ threads entirely.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
+import weakref
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
@@ -35,6 +37,19 @@ class AbortSignal:
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._reason: str | None = None
+        self._pipe: tuple[int, int] | None = None
+
+    def fileno(self) -> int:
+        """A file descriptor that becomes readable on abort (for waits outside Python, e.g.
+        poll(2) in the native ring). Created on first use, closed with this object."""
+        with self._cond:
+            if self._pipe is None:
+                read_end, write_end = os.pipe()
+                self._pipe = (read_end, write_end)
+                weakref.finalize(self, _close_fds, read_end, write_end)
+                if self._reason is not None:
+                    os.write(write_end, b"!")
+            return self._pipe[0]
 
     @property
     def aborted(self) -> bool:
@@ -48,6 +63,8 @@ class AbortSignal:
         with self._cond:
             if self._reason is None:
                 self._reason = reason
+                if self._pipe is not None:
+                    os.write(self._pipe[1], b"!")
             self._cond.notify_all()
 
     def notify(self, *_: Any) -> None:
@@ -117,6 +134,14 @@ class AbortSignal:
                     return "timed out"
                 self._cond.wait(min(remaining, _POLL_SECONDS))
         return None
+
+
+def _close_fds(*fds: int) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 def done(work: Any) -> bool:

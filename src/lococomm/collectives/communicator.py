@@ -34,6 +34,8 @@ class Communicator:
     bytes_sent: int = 0  # payload bytes this member put on the wire (algorithm estimate)
     # (store suffix, rank, size) -> a process group of the epoch (ring links); None: no rings
     make_group: Callable[[str, int, int], Any] | None = None
+    # () -> the native ring's connected sockets (blocking rendezvous); None: no native ring
+    connect_ring: Callable[[], Any] | None = None
 
     def wait(self, works: list[Any], deadline: float | None = None) -> str | None:
         """Wait for works without blocking past an abort or the deadline (default: now +

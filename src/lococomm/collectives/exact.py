@@ -15,9 +15,10 @@ to gloo when we can take it back:
 Chunks are issued back to back so copies overlap communication and gloo's two worker threads
 run two chunks at once (2-4 chunks are ~15 % faster than one op at 64 MiB here).
 
-* ring path (blocking calls on large contiguous CPU tensors, `exact_ring.py`): a ring driven
-  from the calling thread that only reads the tensor and receives into a private buffer, which
-  then becomes the tensor's storage -- no backup copy and nothing to restore on failure.
+* ring path (blocking calls on CPU tensors >= 1 MiB, `exact_ring.py`): a ring over the
+  epoch's own TCP links, run from the calling thread by a C++ executor, that only reads the
+  tensor and receives into a private buffer, which then becomes the tensor's storage -- no
+  backup copy and nothing to restore on failure.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from lococomm.collectives import exact_ring, signature
 from lococomm.collectives.abort import done
 from lococomm.collectives.communicator import Communicator, Handle
 from lococomm.collectives.ownership import exclusively_owned
+from lococomm.collectives.ring_plan import ring_bytes
 
 REDUCE_OPS = {"sum": 1, "mean": 2, "max": 3, "min": 4}
 _TORCH_OPS = {
@@ -353,5 +355,4 @@ def allgather(comm: Communicator, tensor: torch.Tensor, name: str = "", verify: 
 
 
 def _ring_bytes(tensor: torch.Tensor, world_size: int) -> int:
-    """Bytes one member sends in a ring all-reduce: 2 (W-1)/W of the tensor."""
-    return 2 * (world_size - 1) * tensor.numel() * tensor.element_size() // world_size
+    return ring_bytes(tensor.numel(), tensor.element_size(), world_size)

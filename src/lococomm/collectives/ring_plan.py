@@ -91,3 +91,8 @@ def plan_ring(numel: int, world: int, align: int, chunk_elements: int) -> RingPl
             )
         )
     return RingPlan(numel, world, align, tuple(chunks))
+
+
+def ring_bytes(numel: int, element_size: int, world: int) -> int:
+    """Bytes one member sends in a ring all-reduce of `numel` elements: 2 (W-1)/W of them."""
+    return 2 * (world - 1) * numel * element_size // world

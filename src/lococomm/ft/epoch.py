@@ -19,6 +19,7 @@ from typing import Any
 import torch.distributed as dist
 
 from lococomm.collectives.abort import AbortSignal, build_with_abort
+from lococomm.collectives.ring_sockets import RingSockets, connect_ring
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,23 @@ def gloo_device(local_address: str) -> Any:
         return dist.ProcessGroupGloo.create_device(interface=interface.split(",")[0])
     host = os.environ.get("LOCOCOMM_GLOO_HOST", local_address)
     return dist.ProcessGroupGloo.create_device(hostname=host)
+
+
+def ring_host(local_address: str) -> str:
+    """The address the native ring's sockets listen on: the one gloo uses (the first IPv4
+    address of $GLOO_SOCKET_IFNAME, else LOCOCOMM_GLOO_HOST, else the coordinator route's)."""
+    interface = os.environ.get("GLOO_SOCKET_IFNAME")
+    if interface:
+        import socket
+
+        import psutil
+
+        name = interface.split(",")[0]
+        for address in psutil.net_if_addrs().get(name, []):
+            if address.family == socket.AF_INET:
+                return address.address
+        raise RuntimeError(f"GLOO_SOCKET_IFNAME={name!r} has no IPv4 address")
+    return os.environ.get("LOCOCOMM_GLOO_HOST", local_address)
 
 
 def new_process_group(
@@ -179,6 +197,22 @@ class EpochGroups:
         finally:
             if reusable:
                 self._give_back(store, generation)
+
+    def ring_sockets(self, prefix: str, rank: int, size: int, abort: AbortSignal) -> RingSockets:
+        """Connect the native ring's sockets under `prefix` (blocking; on a borrowed client,
+        given back afterwards: the sockets do not use the store once connected)."""
+        store, generation = self._borrow()
+        try:
+            return connect_ring(
+                dist.PrefixStore(prefix, store),
+                rank,
+                size,
+                ring_host(self.client.local_address),
+                abort,
+                self.timeout,
+            )
+        finally:
+            self._give_back(store, generation)
 
     def build(self, info: EpochInfo, abort: AbortSignal) -> tuple[Any, str | None]:
         """The epoch's cross-replica group (None for a group of one), or why it failed."""

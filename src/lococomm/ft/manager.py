@@ -728,6 +728,9 @@ class Manager:
             make_group=lambda suffix, rank, size: self._groups.new_group(
                 f"{info.store_prefix}/{suffix}", rank, size
             ),
+            connect_ring=lambda: self._groups.ring_sockets(
+                f"{info.store_prefix}/ring-tcp", info.rank, info.world_size, ctx.abort
+            ),
         )
         return True
 

@@ -16,6 +16,7 @@ lowrank_product            P Q^T as a fixed-order sum of outer products (PowerSG
 nesterov_outer_            DiLoCo SGD-Nesterov step fused with the pseudo-gradient    no
 pseudo_gradient            snapshot - local                                            no
 rng_u32                    the counter-based RNG (seed, index) -> uint32               --
+ring_allreduce             exact ring all-reduce schedule over two TCP sockets         no
 =========================  ==========================================================  =====
 
 ``backend(device)`` says which implementation runs: "cuda" (CUDA tensors, CUDA available and
@@ -41,6 +42,7 @@ from .kernels import (
     nesterov_outer_,
     pseudo_gradient,
     quantize,
+    ring_allreduce,
     rng_u32,
     sparseloco_encode,
     topk,
@@ -67,6 +69,7 @@ __all__ = [
     "pseudo_gradient",
     "quantize",
     "rng_keys",
+    "ring_allreduce",
     "rng_u32",
     "sparseloco_encode",
     "topk",

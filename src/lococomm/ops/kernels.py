@@ -533,7 +533,7 @@ def rng_u32(seed: int, offset: int, n: int, *, impl: str | None = None) -> torch
 
 
 def _checksum_module(op: str, impl: str | None, usable: bool = True) -> Any:
-    """The C++ module for a checksum op, or None for the torch reference.
+    """The C++ module for a checksum (or ring) op, or None for the torch reference.
 
     impl=None never compiles anything (healing runs inside a step, where a first build would
     stall the group): the C++ kernel if the extension is loaded or built and the inputs suit
@@ -578,3 +578,45 @@ def checksum_copy(dst: torch.Tensor, src: torch.Tensor, *, impl: str | None = No
     if mod is None:
         return ref.checksum_copy(dst, src)
     return mod.checksum_copy(dst, src.reshape(-1).contiguous()) & ((1 << 64) - 1)
+
+
+RING_OPS = {"sum": ref.RING_SUM, "mean": ref.RING_SUM, "max": ref.RING_MAX, "min": ref.RING_MIN}
+
+
+def ring_allreduce(
+    left_fd: int,
+    right_fd: int,
+    abort_fd: int,
+    x: torch.Tensor,
+    result: torch.Tensor,
+    recvs: torch.Tensor,
+    sends: torch.Tensor,
+    op: str,
+    world: int,
+    timeout: float,
+    *,
+    impl: str | None = None,
+) -> str:
+    """Run one exact ring all-reduce schedule (`collectives.exact_ring.native_schedule`) over
+    two connected non-blocking TCP sockets: receive the left neighbour's stream into `result`,
+    combine where the schedule says, stream x / result to the right neighbour. x is only read.
+    Returns "" on success, else why it stopped (peer closed, aborted -- `abort_fd` became
+    readable --, timed out after `timeout` seconds); the sockets are then out of step.
+
+    impl=None never compiles anything (it runs inside a step): the C++ executor if the
+    extension is loaded or built, else the reference."""
+    if op not in RING_OPS:
+        raise ValueError(f"ring op must be one of {sorted(RING_OPS)}, got {op!r}")
+    for what, t in (("x", x), ("result", result)):
+        if t.device.type != "cpu" or not t.is_contiguous() or t.dim() != 1:
+            raise ValueError(f"ring_allreduce: {what} must be a flat contiguous CPU tensor")
+    if x.dtype != result.dtype or x.numel() != result.numel():
+        raise ValueError("ring_allreduce: x and result must have one dtype and length")
+    mod = _checksum_module("ring_allreduce", impl)
+    if mod is None:
+        return ref.ring_allreduce(
+            left_fd, right_fd, abort_fd, x, result, recvs, sends, RING_OPS[op], world, timeout
+        )
+    return mod.ring_allreduce(
+        left_fd, right_fd, abort_fd, x, result, recvs, sends, RING_OPS[op], world, timeout
+    )

@@ -547,3 +547,106 @@ def checksum_copy(dst: torch.Tensor, src: torch.Tensor) -> int:
     CPU, so staging buffers on a GPU work too)."""
     dst.copy_(src)
     return checksum(src if src.device.type == "cpu" else src.cpu())
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact ring all-reduce schedule over two TCP sockets (csrc/ring.cpp)
+# ---------------------------------------------------------------------------------------------
+RING_SUM, RING_MAX, RING_MIN = 0, 1, 2
+RING_FORWARD, RING_COMBINE, RING_COMBINE_DIVIDE = 0, 1, 2
+RING_FROM_X = 0
+
+
+def ring_combine(acc: torch.Tensor, mine: torch.Tensor, op: int) -> None:
+    """acc op= mine (sum / max / min), in acc's dtype: the ring's reduction at every hop."""
+    if op == RING_SUM:
+        acc.add_(mine)
+    elif op == RING_MAX:
+        torch.maximum(acc, mine, out=acc)
+    else:
+        torch.minimum(acc, mine, out=acc)
+
+
+def ring_allreduce(
+    left_fd: int,
+    right_fd: int,
+    abort_fd: int,
+    x: torch.Tensor,
+    result: torch.Tensor,
+    recvs: torch.Tensor,
+    sends: torch.Tensor,
+    op: int,
+    world: int,
+    timeout: float,
+) -> str:
+    """Reference of the ring executor: the same schedule, streams and combines as
+    csrc/ring.cpp with os.readv / os.write on the non-blocking sockets and poll(2) between
+    them. Returns "" on success, else why it stopped. Members running the kernel and members
+    running this reference can share one ring (the bytes on the wire are the same)."""
+    import os
+    import select
+    import time
+
+    size = x.element_size()
+    x_bytes = memoryview(x.view(torch.uint8).numpy())
+    r_bytes = memoryview(result.view(torch.uint8).numpy())
+    rows_in, rows_out = recvs.tolist(), sends.tolist()
+    recv_i = recv_off = send_i = send_off = 0
+    deadline = time.monotonic() + timeout
+
+    def send_ready() -> bool:
+        return send_i < len(rows_out) and rows_out[send_i][3] < recv_i
+
+    while recv_i < len(rows_in) or send_i < len(rows_out):
+        progressed = False
+        while recv_i < len(rows_in):
+            a, b, action = rows_in[recv_i]
+            total = (b - a) * size
+            try:
+                got = os.readv(left_fd, [r_bytes[a * size + recv_off : b * size]])
+            except BlockingIOError:
+                break
+            except OSError as e:
+                return f"receive from left neighbour failed: {e.strerror}"
+            if got == 0:
+                return "peer closed the connection (left neighbour)"
+            recv_off += got
+            progressed = True
+            if recv_off == total:
+                if action != RING_FORWARD:
+                    acc = result[a:b]
+                    ring_combine(acc, x[a:b], op)
+                    if action == RING_COMBINE_DIVIDE:
+                        acc.div_(world)
+                recv_i, recv_off = recv_i + 1, 0
+                if send_ready():
+                    break
+        while send_ready():
+            a, b, source, _ = rows_out[send_i]
+            total = (b - a) * size
+            data = x_bytes if source == RING_FROM_X else r_bytes
+            try:
+                put = os.write(right_fd, data[a * size + send_off : b * size])
+            except BlockingIOError:
+                break
+            except OSError as e:
+                return f"send to right neighbour failed: {e.strerror}"
+            send_off += put
+            progressed = True
+            if send_off == total:
+                send_i, send_off = send_i + 1, 0
+        if progressed:
+            continue
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return "timed out waiting for peers"
+        poller = select.poll()
+        poller.register(abort_fd, select.POLLIN)
+        if recv_i < len(rows_in):
+            poller.register(left_fd, select.POLLIN)
+        if send_ready():
+            poller.register(right_fd, select.POLLOUT)
+        for fd, _ in poller.poll(min(remaining, 0.1) * 1e3):
+            if fd == abort_fd:
+                return "aborted"
+    return ""

@@ -1,0 +1,213 @@
+// Executor of the exact ring all-reduce's schedule over two connected TCP sockets.
+//
+// Python plans the ring (src/lococomm/collectives/ring_plan.py) and hands over two lists in
+// issue order: the receives (byte ranges of the result buffer R, filled from the left
+// neighbour's stream, each with an action to run once complete) and the sends (byte ranges of x
+// or R streamed to the right neighbour, each waiting for one receive). This file only moves
+// the bytes: one thread, non-blocking sockets, poll(2), no other threads and no Python, so a
+// hop costs no thread hand-off (the Python-driven ring over gloo pair groups pays two per hop,
+// which on a few oversubscribed cores cost more than a backup copy of the tensor).
+//
+// Both ends of a link walk the same schedule, so a TCP stream needs no framing: the k-th
+// receive of a member is byte for byte the k-th send of its left neighbour.
+//
+// The combine (R[range] op= x[range], then / W for a mean at the owner's stage) goes through
+// ATen on narrowed tensors, so it rounds exactly like the torch reference ring.
+//
+// Failure never throws past this file: the call returns a reason ("peer closed the
+// connection", "aborted", "timed out", an errno text) and the caller abandons the sockets.
+#include <torch/extension.h>
+
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+#include <string>
+
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+namespace {
+
+enum Action : int64_t { kForward = 0, kCombine = 1, kCombineDivide = 2 };
+enum Source : int64_t { kFromX = 0, kFromResult = 1 };
+enum Op : int64_t { kSum = 0, kMax = 1, kMin = 2 };
+
+// Receives: [n, 3] int64 rows (start element, end element, action).
+// Sends:    [n, 4] int64 rows (start element, end element, source, receive index it needs
+//           complete, -1 for none).
+struct Schedule {
+  const int64_t* recvs;
+  int64_t n_recvs;
+  const int64_t* sends;
+  int64_t n_sends;
+};
+
+class RingRun {
+ public:
+  RingRun(int left, int right, int abort_fd, const at::Tensor& x, at::Tensor& result,
+          const Schedule& s, int64_t op, int64_t world)
+      : left_(left), right_(right), abort_fd_(abort_fd), x_(x), result_(result), s_(s), op_(op),
+        world_(world), elem_(x.element_size()),
+        xbytes_(static_cast<char*>(const_cast<void*>(x.data_ptr()))),
+        rbytes_(static_cast<char*>(result.data_ptr())) {}
+
+  std::string run(double timeout_seconds) {
+    using clock = std::chrono::steady_clock;
+    const auto deadline = clock::now() + std::chrono::duration<double>(timeout_seconds);
+    while (recv_i_ < s_.n_recvs || send_i_ < s_.n_sends) {
+      bool progressed = false;
+      std::string err = pump_recv(&progressed);
+      if (!err.empty()) return err;
+      err = pump_send(&progressed);
+      if (!err.empty()) return err;
+      if (progressed) continue;
+      // Nothing moved: sleep in poll until a socket is ready, the abort pipe is written or
+      // the deadline passes (in slices, so a clock jump cannot park us for long).
+      const auto left_ms =
+          std::chrono::duration_cast<std::chrono::milliseconds>(deadline - clock::now()).count();
+      if (left_ms <= 0) return "timed out waiting for peers";
+      pollfd fds[3];
+      int n = 0;
+      fds[n++] = {abort_fd_, POLLIN, 0};
+      const bool want_recv = recv_i_ < s_.n_recvs;
+      const bool want_send = send_ready();
+      if (want_recv) fds[n++] = {left_, POLLIN, 0};
+      if (want_send) fds[n++] = {right_, POLLOUT, 0};
+      const int rc = ::poll(fds, n, static_cast<int>(std::min<int64_t>(left_ms, 100)));
+      if (rc < 0 && errno != EINTR) return std::string("poll failed: ") + std::strerror(errno);
+      if (rc > 0 && (fds[0].revents & (POLLIN | POLLHUP | POLLERR))) return "aborted";
+    }
+    return "";
+  }
+
+ private:
+  const int64_t* recv_row(int64_t i) const { return s_.recvs + 3 * i; }
+  const int64_t* send_row(int64_t i) const { return s_.sends + 4 * i; }
+
+  bool send_ready() const {
+    if (send_i_ >= s_.n_sends) return false;
+    const int64_t need = send_row(send_i_)[3];
+    return need < recv_i_;  // every receive before recv_i_ is complete (and combined)
+  }
+
+  std::string pump_recv(bool* progressed) {
+    while (recv_i_ < s_.n_recvs) {
+      const int64_t* row = recv_row(recv_i_);
+      const int64_t total = (row[1] - row[0]) * elem_;
+      char* base = rbytes_ + row[0] * elem_;
+      while (recv_off_ < total) {
+        const ssize_t got = ::recv(left_, base + recv_off_, total - recv_off_, MSG_DONTWAIT);
+        if (got > 0) {
+          recv_off_ += got;
+          *progressed = true;
+          continue;
+        }
+        if (got == 0) return "peer closed the connection (left neighbour)";
+        if (errno == EINTR) continue;
+        if (errno == EAGAIN || errno == EWOULDBLOCK) return "";
+        return std::string("receive from left neighbour failed: ") + std::strerror(errno);
+      }
+      finish_recv(row);
+      recv_i_++;
+      recv_off_ = 0;
+      *progressed = true;
+      // Let the send that just became ready go out before reading more.
+      if (send_ready()) return "";
+    }
+    return "";
+  }
+
+  std::string pump_send(bool* progressed) {
+    while (send_ready()) {
+      const int64_t* row = send_row(send_i_);
+      const int64_t total = (row[1] - row[0]) * elem_;
+      const char* base = (row[2] == kFromX ? xbytes_ : rbytes_) + row[0] * elem_;
+      while (send_off_ < total) {
+        const ssize_t put =
+            ::send(right_, base + send_off_, total - send_off_, MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (put > 0) {
+          send_off_ += put;
+          *progressed = true;
+          continue;
+        }
+        if (put < 0 && errno == EINTR) continue;
+        if (put < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return "";
+        return std::string("send to right neighbour failed: ") +
+               (put < 0 ? std::strerror(errno) : "no progress");
+      }
+      send_i_++;
+      send_off_ = 0;
+      *progressed = true;
+    }
+    return "";
+  }
+
+  void finish_recv(const int64_t* row) {
+    if (row[2] == kForward) return;
+    at::Tensor acc = result_.narrow(0, row[0], row[1] - row[0]);
+    const at::Tensor mine = x_.narrow(0, row[0], row[1] - row[0]);
+    if (op_ == kSum) {
+      acc.add_(mine);
+    } else if (op_ == kMax) {
+      at::maximum_out(acc, acc, mine);
+    } else {
+      at::minimum_out(acc, acc, mine);
+    }
+    if (row[2] == kCombineDivide) acc.div_(world_);
+  }
+
+  const int left_, right_, abort_fd_;
+  const at::Tensor& x_;
+  at::Tensor& result_;
+  const Schedule s_;
+  const int64_t op_, world_, elem_;
+  char* xbytes_;
+  char* rbytes_;
+  int64_t recv_i_ = 0, recv_off_ = 0, send_i_ = 0, send_off_ = 0;
+};
+
+}  // namespace
+
+// Runs the schedule; "" on success, else why it stopped (the sockets are then unusable).
+std::string ring_allreduce(int64_t left_fd, int64_t right_fd, int64_t abort_fd,
+                           const at::Tensor& x, at::Tensor& result, const at::Tensor& recvs,
+                           const at::Tensor& sends, int64_t op, int64_t world,
+                           double timeout_seconds) {
+  TORCH_CHECK(x.device().is_cpu() && result.device().is_cpu(), "ring tensors must be on the CPU");
+  TORCH_CHECK(x.is_contiguous() && result.is_contiguous(), "ring tensors must be contiguous");
+  TORCH_CHECK(x.dim() == 1 && result.dim() == 1 && x.numel() == result.numel(),
+              "x and result must be flat and of one length");
+  TORCH_CHECK(x.scalar_type() == result.scalar_type(), "x and result must share a dtype");
+  TORCH_CHECK(recvs.scalar_type() == at::kLong && recvs.is_contiguous() && recvs.dim() == 2 &&
+                  recvs.size(1) == 3,
+              "recvs must be a contiguous int64 [n, 3] tensor");
+  TORCH_CHECK(sends.scalar_type() == at::kLong && sends.is_contiguous() && sends.dim() == 2 &&
+                  sends.size(1) == 4,
+              "sends must be a contiguous int64 [n, 4] tensor");
+  TORCH_CHECK(op >= kSum && op <= kMin, "op must be 0 (sum), 1 (max) or 2 (min)");
+  TORCH_CHECK(world >= 2, "a ring needs at least 2 members");
+  const int64_t n = x.numel();
+  const int64_t* rv = recvs.data_ptr<int64_t>();
+  for (int64_t i = 0; i < recvs.size(0); ++i) {
+    TORCH_CHECK(0 <= rv[3 * i] && rv[3 * i] < rv[3 * i + 1] && rv[3 * i + 1] <= n,
+                "receive ", i, " has a bad range");
+    TORCH_CHECK(rv[3 * i + 2] >= kForward && rv[3 * i + 2] <= kCombineDivide,
+                "receive ", i, " has a bad action");
+  }
+  const int64_t* sv = sends.data_ptr<int64_t>();
+  for (int64_t i = 0; i < sends.size(0); ++i) {
+    TORCH_CHECK(0 <= sv[4 * i] && sv[4 * i] < sv[4 * i + 1] && sv[4 * i + 1] <= n,
+                "send ", i, " has a bad range");
+    TORCH_CHECK(sv[4 * i + 2] == kFromX || sv[4 * i + 2] == kFromResult,
+                "send ", i, " has a bad source");
+    TORCH_CHECK(sv[4 * i + 3] >= -1 && sv[4 * i + 3] < recvs.size(0),
+                "send ", i, " waits for a receive that does not exist");
+  }
+  Schedule s{rv, recvs.size(0), sv, sends.size(0)};
+  RingRun ring(static_cast<int>(left_fd), static_cast<int>(right_fd), static_cast<int>(abort_fd),
+               x, result, s, op, world);
+  pybind11::gil_scoped_release nogil;
+  at::NoGradGuard no_grad;
+  return ring.run(timeout_seconds);
+}

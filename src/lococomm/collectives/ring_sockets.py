@@ -1,0 +1,184 @@
+"""The exact ring's own TCP connections: one to each ring neighbour, once per epoch.
+
+The native ring (`csrc/ring.cpp`) streams its hops over plain TCP sockets rather than gloo
+pair groups, because gloo's transport is not reachable from Python except through its own
+collectives, and a hop driven from Python over them costs thread hand-offs (see
+`exact_ring.py`). Rendezvous goes through the epoch's store, like every group of the epoch:
+
+1. every member listens on an ephemeral port of the address its gloo groups use and publishes
+   ``host:port`` and a random 16-byte nonce under ``<prefix>/addr/<rank>``;
+2. it connects to its right neighbour and sends a 32-byte hello (magic, its rank, the right
+   neighbour's nonce), then accepts from its left neighbour and checks the hello: a connection
+   that does not present this epoch's nonce and the expected rank is closed and ignored.
+
+The store is the trust root here, as it is for gloo. Reads are bounded (a hello is exactly 32
+bytes, read with a deadline); an abort or the deadline stops every wait.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import socket
+import struct
+import time
+import weakref
+from dataclasses import dataclass
+
+from lococomm.collectives.abort import AbortSignal
+
+log = logging.getLogger(__name__)
+
+_MAGIC = b"LCRING01"
+_HELLO = struct.Struct("!8sQ16s")  # magic, sender rank, receiver's nonce: 32 bytes
+_SLICE_SECONDS = 0.05  # longest an abort can go unnoticed during the rendezvous
+
+
+class RendezvousError(RuntimeError):
+    """The ring's sockets could not be connected (abort, deadline, bad peer)."""
+
+
+@dataclass
+class RingSockets:
+    """This member's two ring connections: `right` (it sends), `left` (it receives)."""
+
+    right: socket.socket
+    left: socket.socket
+
+    def close(self) -> None:
+        for s in (self.right, self.left):
+            try:
+                s.close()
+            except OSError:
+                pass
+
+
+def _split_host_port(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _tune(sock: socket.socket) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setblocking(False)
+
+
+def _wait_readable(sock: socket.socket, abort: AbortSignal, deadline: float, what: str) -> None:
+    while True:
+        if abort.aborted:
+            raise RendezvousError(f"{what}: aborted: {abort.reason}")
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise RendezvousError(f"{what}: timed out")
+        ready, _, _ = select.select([sock], [], [], min(remaining, _SLICE_SECONDS))
+        if ready:
+            return
+
+
+def _read_exact(sock: socket.socket, size: int, abort: AbortSignal, deadline: float) -> bytes:
+    data = b""
+    while len(data) < size:
+        _wait_readable(sock, abort, deadline, "ring hello")
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise RendezvousError("ring hello: connection closed")
+        data += chunk
+    return data
+
+
+def _wait_key(store: object, key: str, abort: AbortSignal, deadline: float) -> bytes:
+    delay = 0.0005
+    while True:
+        if abort.aborted:
+            raise RendezvousError(f"waiting for {key}: aborted: {abort.reason}")
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise RendezvousError(f"waiting for {key}: timed out")
+        if store.check([key]):  # type: ignore[attr-defined]
+            return store.get(key)  # type: ignore[attr-defined]
+        time.sleep(min(remaining, delay))
+        delay = min(delay * 2, 0.01)
+
+
+def connect_ring(
+    store: object, rank: int, world: int, host: str, abort: AbortSignal, timeout: float
+) -> RingSockets:
+    """Connect this member to its ring neighbours under `store` (a PrefixStore of the epoch).
+
+    Blocking (run it with `build_with_abort`); raises RendezvousError on abort, timeout or a
+    broken connection. `host` is the address to listen on and announce (the one the epoch's
+    gloo groups use)."""
+    if world < 2:
+        raise ValueError(f"a ring needs at least 2 members, got {world}")
+    deadline = time.monotonic() + timeout
+    right_rank, left_rank = (rank + 1) % world, (rank - 1) % world
+    nonce = os.urandom(16)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    right: socket.socket | None = None
+    try:
+        listener.bind((host, 0))
+        listener.listen(4)
+        port = listener.getsockname()[1]
+        store.set(f"addr/{rank}", f"{host}:{port}/{nonce.hex()}")  # type: ignore[attr-defined]
+        announced = _wait_key(store, f"addr/{right_rank}", abort, deadline).decode()
+        address, _, their_nonce = announced.partition("/")
+        right_host, right_port = _split_host_port(address)
+        right = socket.create_connection(
+            (right_host, right_port), timeout=max(0.1, deadline - time.monotonic())
+        )
+        right.sendall(_HELLO.pack(_MAGIC, rank, bytes.fromhex(their_nonce)))
+        while True:
+            _wait_readable(listener, abort, deadline, f"accepting ring link from rank {left_rank}")
+            conn, peer = listener.accept()
+            try:
+                conn.setblocking(True)
+                magic, sender, presented = _HELLO.unpack(
+                    _read_exact(conn, _HELLO.size, abort, deadline)
+                )
+            except (OSError, RendezvousError, struct.error) as e:
+                log.warning("ring link: dropped a connection from %s: %s", peer, e)
+                conn.close()
+                continue
+            if magic != _MAGIC or sender != left_rank or presented != nonce:
+                log.warning("ring link: refused a connection from %s (not this epoch's rank %d)", peer, left_rank)
+                conn.close()
+                continue
+            break
+        _tune(right)
+        _tune(conn)
+        sockets = RingSockets(right=right, left=conn)
+        right = None
+        return sockets
+    except OSError as e:
+        raise RendezvousError(f"ring link: {e}") from e
+    finally:
+        listener.close()
+        if right is not None:
+            right.close()
+
+
+_SOCKETS: dict[int, RingSockets] = {}
+
+
+def remember(owner: object, sockets: RingSockets) -> None:
+    """Keep `sockets` for as long as `owner` (the epoch's communicator) lives."""
+    key = id(owner)
+    _SOCKETS[key] = sockets
+    weakref.finalize(owner, _forget, key)
+
+
+def known(owner: object) -> RingSockets | None:
+    return _SOCKETS.get(id(owner))
+
+
+def drop(owner: object) -> None:
+    """Close and forget `owner`'s sockets (after a failed ring their streams are out of step)."""
+    _forget(id(owner))
+
+
+def _forget(key: int) -> None:
+    sockets = _SOCKETS.pop(key, None)
+    if sockets is not None:
+        sockets.close()
