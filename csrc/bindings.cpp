@@ -388,7 +388,8 @@ at::Tensor rng(int64_t k0, int64_t k1, int64_t offset, int64_t n) {
 std::string ring_allreduce(int64_t left_fd, int64_t right_fd, int64_t abort_fd,
                            const at::Tensor& x, at::Tensor& result, const at::Tensor& recvs,
                            const at::Tensor& sends, int64_t op, int64_t world,
-                           double timeout_seconds);
+                           double timeout_seconds, const at::Tensor& header,
+                           at::Tensor& left_header);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "lococomm fused CPU kernels (see src/lococomm/ops for the torch references)";

@@ -9,7 +9,11 @@
 // which on a few oversubscribed cores cost more than a backup copy of the tensor).
 //
 // Both ends of a link walk the same schedule, so a TCP stream needs no framing: the k-th
-// receive of a member is byte for byte the k-th send of its left neighbour.
+// receive of a member is byte for byte the k-th send of its left neighbour. Each stream opens
+// with the sender's collective signature (a few int64 fields: kind, op, dtype, numel, shape);
+// the receiver compares it with its own before it reads a single data byte, and stops with
+// "signature mismatch" if they differ. Equal neighbours all around the ring mean equal
+// members, and equal signatures mean equal byte counts, so the streams cannot drift.
 //
 // The combine (R[range] op= x[range], then / W for a mean at the owner's stage) goes through
 // ATen on narrowed tensors, so it rounds exactly like the torch reference ring.
@@ -46,22 +50,32 @@ struct Schedule {
 class RingRun {
  public:
   RingRun(int left, int right, int abort_fd, const at::Tensor& x, at::Tensor& result,
-          const Schedule& s, int64_t op, int64_t world)
+          const Schedule& s, int64_t op, int64_t world, const at::Tensor& header,
+          at::Tensor& left_header)
       : left_(left), right_(right), abort_fd_(abort_fd), x_(x), result_(result), s_(s), op_(op),
         world_(world), elem_(x.element_size()),
         xbytes_(static_cast<char*>(const_cast<void*>(x.data_ptr()))),
-        rbytes_(static_cast<char*>(result.data_ptr())) {}
+        rbytes_(static_cast<char*>(result.data_ptr())),
+        header_(static_cast<const char*>(header.data_ptr())),
+        left_header_(static_cast<char*>(left_header.data_ptr())),
+        header_bytes_(header.numel() * header.element_size()) {}
 
   std::string run(double timeout_seconds) {
     using clock = std::chrono::steady_clock;
     const auto deadline = clock::now() + std::chrono::duration<double>(timeout_seconds);
-    while (recv_i_ < s_.n_recvs || send_i_ < s_.n_sends) {
+    while (recv_i_ < s_.n_recvs || send_i_ < s_.n_sends || !header_checked_ ||
+           header_out_ < header_bytes_) {
       bool progressed = false;
-      std::string err = pump_recv(&progressed);
+      std::string err = pump_header(&progressed);
+      if (!err.empty()) return err;
+      err = pump_recv(&progressed);
       if (!err.empty()) return err;
       err = pump_send(&progressed);
       if (!err.empty()) return err;
       if (progressed) continue;
+      if (header_in_ == header_bytes_ && !header_checked_ && header_out_ == header_bytes_) {
+        return "signature mismatch";
+      }
       // Nothing moved: sleep in poll until a socket is ready, the abort pipe is written or
       // the deadline passes (in slices, so a clock jump cannot park us for long).
       const auto left_ms =
@@ -70,8 +84,9 @@ class RingRun {
       pollfd fds[3];
       int n = 0;
       fds[n++] = {abort_fd_, POLLIN, 0};
-      const bool want_recv = recv_i_ < s_.n_recvs;
-      const bool want_send = send_ready();
+      const bool want_recv =
+          header_in_ < header_bytes_ || (header_checked_ && recv_i_ < s_.n_recvs);
+      const bool want_send = header_out_ < header_bytes_ || send_ready();
       if (want_recv) fds[n++] = {left_, POLLIN, 0};
       if (want_send) fds[n++] = {right_, POLLOUT, 0};
       const int rc = ::poll(fds, n, static_cast<int>(std::min<int64_t>(left_ms, 100)));
@@ -92,6 +107,26 @@ class RingRun {
   }
 
   std::string pump_recv(bool* progressed) {
+    while (header_in_ < header_bytes_) {
+      const ssize_t got =
+          ::recv(left_, left_header_ + header_in_, header_bytes_ - header_in_, MSG_DONTWAIT);
+      if (got > 0) {
+        header_in_ += got;
+        *progressed = true;
+        continue;
+      }
+      if (got == 0) return "peer closed the connection (left neighbour)";
+      if (errno == EINTR) continue;
+      if (errno == EAGAIN || errno == EWOULDBLOCK) return "";
+      return std::string("receive from left neighbour failed: ") + std::strerror(errno);
+    }
+    if (!header_checked_) {
+      if (std::memcmp(header_, left_header_, header_bytes_) != 0) {
+        if (header_out_ == header_bytes_) return "signature mismatch";
+        return "";  // read nothing more; stop once our own signature is out (run())
+      }
+      header_checked_ = true;
+    }
     while (recv_i_ < s_.n_recvs) {
       const int64_t* row = recv_row(recv_i_);
       const int64_t total = (row[1] - row[0]) * elem_;
@@ -118,7 +153,27 @@ class RingRun {
     return "";
   }
 
+  // Our signature goes out before anything else, and before we give up on a mismatch, so the
+  // right neighbour can name the mismatch too instead of only seeing the connection close.
+  std::string pump_header(bool* progressed) {
+    while (header_out_ < header_bytes_) {
+      const ssize_t put = ::send(right_, header_ + header_out_, header_bytes_ - header_out_,
+                                 MSG_DONTWAIT | MSG_NOSIGNAL);
+      if (put > 0) {
+        header_out_ += put;
+        *progressed = true;
+        continue;
+      }
+      if (put < 0 && errno == EINTR) continue;
+      if (put < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return "";
+      return std::string("send to right neighbour failed: ") +
+             (put < 0 ? std::strerror(errno) : "no progress");
+    }
+    return "";
+  }
+
   std::string pump_send(bool* progressed) {
+    if (header_out_ < header_bytes_) return "";
     while (send_ready()) {
       const int64_t* row = send_row(send_i_);
       const int64_t total = (row[1] - row[0]) * elem_;
@@ -164,16 +219,23 @@ class RingRun {
   const int64_t op_, world_, elem_;
   char* xbytes_;
   char* rbytes_;
+  const char* header_;
+  char* left_header_;
+  const int64_t header_bytes_;
+  int64_t header_in_ = 0, header_out_ = 0;
+  bool header_checked_ = false;
   int64_t recv_i_ = 0, recv_off_ = 0, send_i_ = 0, send_off_ = 0;
 };
 
 }  // namespace
 
 // Runs the schedule; "" on success, else why it stopped (the sockets are then unusable).
+// `header` (this member's signature) goes first; the left neighbour's lands in `left_header`.
 std::string ring_allreduce(int64_t left_fd, int64_t right_fd, int64_t abort_fd,
                            const at::Tensor& x, at::Tensor& result, const at::Tensor& recvs,
                            const at::Tensor& sends, int64_t op, int64_t world,
-                           double timeout_seconds) {
+                           double timeout_seconds, const at::Tensor& header,
+                           at::Tensor& left_header) {
   TORCH_CHECK(x.device().is_cpu() && result.device().is_cpu(), "ring tensors must be on the CPU");
   TORCH_CHECK(x.is_contiguous() && result.is_contiguous(), "ring tensors must be contiguous");
   TORCH_CHECK(x.dim() == 1 && result.dim() == 1 && x.numel() == result.numel(),
@@ -186,6 +248,12 @@ std::string ring_allreduce(int64_t left_fd, int64_t right_fd, int64_t abort_fd,
                   sends.size(1) == 4,
               "sends must be a contiguous int64 [n, 4] tensor");
   TORCH_CHECK(op >= kSum && op <= kMin, "op must be 0 (sum), 1 (max) or 2 (min)");
+  TORCH_CHECK(header.scalar_type() == at::kLong && header.is_contiguous() && header.dim() == 1 &&
+                  header.numel() >= 1,
+              "header must be a non-empty contiguous int64 vector");
+  TORCH_CHECK(left_header.scalar_type() == at::kLong && left_header.is_contiguous() &&
+                  left_header.numel() == header.numel(),
+              "left_header must be a contiguous int64 vector as long as header");
   TORCH_CHECK(world >= 2, "a ring needs at least 2 members");
   const int64_t n = x.numel();
   const int64_t* rv = recvs.data_ptr<int64_t>();
@@ -206,7 +274,7 @@ std::string ring_allreduce(int64_t left_fd, int64_t right_fd, int64_t abort_fd,
   }
   Schedule s{rv, recvs.size(0), sv, sends.size(0)};
   RingRun ring(static_cast<int>(left_fd), static_cast<int>(right_fd), static_cast<int>(abort_fd),
-               x, result, s, op, world);
+               x, result, s, op, world, header, left_header);
   pybind11::gil_scoped_release nogil;
   at::NoGradGuard no_grad;
   return ring.run(timeout_seconds);

@@ -40,13 +40,17 @@ def test_protocol_misuse_raises_clear_errors(coordinator_factory):
 
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("kind", ["shape", "dtype"])
-def test_mismatched_collective_fails_the_step_with_a_message_naming_it(workers, coordinator_factory, kind):
+@pytest.mark.parametrize("mode", ["async", "sync"])  # sync: the ring checks in its streams
+def test_mismatched_collective_fails_the_step_with_a_message_naming_it(
+    workers, coordinator_factory, kind, mode
+):
     coordinator = coordinator_factory(heartbeat_timeout=2.0, initial_workers=2)
     for i in range(2):
         extra = ("--mismatch-at", "3", "--mismatch", kind) if i == 1 else ()
+        sync = ("--sync",) if mode == "sync" else ()
         workers.start(
             f"w{i}", "fault_worker.py", "--coordinator", coordinator.address, "--replica", f"w{i}",
-            "--steps", "6", "--numel", "1000", *extra,
+            "--steps", "6", "--numel", "1000", *extra, *sync,
         )
     for name in ("w0", "w1"):
         assert workers.wait_exit(name, 60) == 0, workers.dump()

@@ -41,7 +41,7 @@ import logging
 import torch
 
 from lococomm import ops
-from lococomm.collectives import ring_sockets
+from lococomm.collectives import ring_sockets, signature
 from lococomm.collectives.abort import build_with_abort
 from lococomm.collectives.communicator import Communicator
 from lococomm.collectives.ownership import swappable
@@ -49,22 +49,19 @@ from lococomm.collectives.ring_plan import RingPlan, plan_ring, ring_bytes
 
 log = logging.getLogger(__name__)
 
-MIN_BYTES = 1 << 20  # smaller tensors: gloo's all-reduce (one op's latency beats a ring's 2(W-1) hops)
 CHUNK_BYTES = 1 << 20  # pipeline chunk (bytes)
-DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int32, torch.int64)
 
 
 def eligible(comm: Communicator, tensor: torch.Tensor) -> bool:
-    """Whether `tensor` takes the ring: a large CPU tensor of a ring dtype on an epoch that can
-    connect ring sockets. Only properties the signature check compares (dtype, numel) and the
-    epoch's own settings decide, so once signatures agree every member answers the same."""
+    """Whether a blocking all-reduce of `tensor` takes the ring: any CPU tensor on an epoch
+    that can connect ring sockets. Nothing about the tensor's size or dtype decides, so members
+    whose tensors differ (a bug the signature in the stream reports) still meet in the ring
+    rather than wait for each other in different collectives."""
     return (
         comm.world_size >= 2
         and comm.connect_ring is not None
         and comm.device.type == "cpu"
         and tensor.device.type == "cpu"
-        and tensor.dtype in DTYPES
-        and tensor.numel() * tensor.element_size() >= MIN_BYTES
     )
 
 
@@ -80,9 +77,12 @@ def _sockets(comm: Communicator) -> tuple[ring_sockets.RingSockets | None, str |
     return sockets, None
 
 
-def allreduce(comm: Communicator, tensor: torch.Tensor, op: str, description: str) -> bool:
-    """All-reduce `tensor` (eligible, signatures already agreed) over the ring; True on
-    success (tensor holds the result), False with the step failed and the tensor untouched."""
+def allreduce(
+    comm: Communicator, tensor: torch.Tensor, op: str, description: str, fields: list[int]
+) -> bool:
+    """All-reduce `tensor` (eligible) over the ring; True on success (tensor holds the
+    result), False with the step failed and the tensor untouched. `fields` is the call's
+    signature (`signature.fields`), checked against the left neighbour's in the stream."""
     sockets, why = _sockets(comm)
     if sockets is None:
         comm.fail(f"{description}: {why}")
@@ -93,6 +93,8 @@ def allreduce(comm: Communicator, tensor: torch.Tensor, op: str, description: st
     recvs, sends = native_schedule(plan, comm.rank, op)
     result = comm.pool.get(x.numel(), x.dtype, x.device)
     comm.bytes_sent += ring_bytes(x.numel(), x.element_size(), comm.world_size)
+    header = torch.tensor(fields, dtype=torch.int64)
+    left_header = torch.empty_like(header)
     try:
         err = ops.ring_allreduce(
             sockets.left.fileno(),
@@ -105,14 +107,23 @@ def allreduce(comm: Communicator, tensor: torch.Tensor, op: str, description: st
             op,
             comm.world_size,
             comm.timeout,
+            header,
+            left_header,
         )
     except Exception as e:  # a bad argument is a bug, but it must not leave peers waiting
         log.exception("%s: exact ring failed", description)
         err = f"{type(e).__name__}: {e}"
     if err:
-        ring_sockets.drop(comm)
+        ring_sockets.drop(comm)  # also stops the neighbours: their streams end here
         comm.pool.put(result)
-        comm.fail(f"{description}: {err}")
+        if err == "signature mismatch":
+            left = (comm.rank - 1) % comm.world_size
+            pairs = sorted([(left, left_header.tolist()), (comm.rank, fields)])
+            rows, ranks = [row for _, row in pairs], [rank for rank, _ in pairs]
+            err = signature.mismatch_message(description, rows, ranks) or err
+            comm.fail(err)
+        else:
+            comm.fail(f"{description}: {err}")
         return False
     with torch.no_grad():
         if swap:

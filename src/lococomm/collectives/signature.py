@@ -95,13 +95,7 @@ class PendingCheck:
             return self.error
         self.work = None
         rows = self.buffers[1].cpu().view(self.comm.world_size, self.k).tolist()
-        diffs = [_describe_difference(i, [row[i] for row in rows]) for i in range(self.k)]
-        diffs = [d for d in diffs if d]
-        if diffs:
-            self.error = (
-                f"{self.description}: members called mismatched collectives ({'; '.join(diffs)}); "
-                "check that every replica runs the same code on the same shapes"
-            )
+        self.error = mismatch_message(self.description, rows, list(range(len(rows))))
         return self.error
 
 
@@ -131,13 +125,27 @@ def check(comm: Communicator, values: list[int], description: str) -> str | None
     return start_check(comm, values, description).result()
 
 
-def _describe_difference(field: int, per_rank: list[int]) -> str:
+def mismatch_message(description: str, rows: list[list[int]], ranks: list[int]) -> str | None:
+    """None if every row of fields is the same, else the step's failure message naming the
+    fields that differ and which of `ranks` (one per row) hold which value."""
+    k = len(rows[0]) if rows else 0
+    diffs = [_describe_difference(i, [row[i] for row in rows], ranks) for i in range(k)]
+    diffs = [d for d in diffs if d]
+    if not diffs:
+        return None
+    return (
+        f"{description}: members called mismatched collectives ({'; '.join(diffs)}); "
+        "check that every replica runs the same code on the same shapes"
+    )
+
+
+def _describe_difference(field: int, per_rank: list[int], ranks: list[int]) -> str:
     """'' if every rank has the same value, else e.g. "numel 16 on ranks [0, 2], 8 on rank [1]"."""
     if len(set(per_rank)) == 1:
         return ""
     name = FIELD_NAMES[field] if field < len(FIELD_NAMES) else f"field {field}"
     groups: dict[int, list[int]] = {}
-    for rank, value in enumerate(per_rank):
+    for rank, value in zip(ranks, per_rank):
         groups.setdefault(value, []).append(rank)
     if name == "shape":
         return "shape differs between ranks " + " and ".join(str(r) for r in groups.values())

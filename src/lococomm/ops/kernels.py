@@ -594,14 +594,19 @@ def ring_allreduce(
     op: str,
     world: int,
     timeout: float,
+    header: torch.Tensor,
+    left_header: torch.Tensor,
     *,
     impl: str | None = None,
 ) -> str:
     """Run one exact ring all-reduce schedule (`collectives.exact_ring.native_schedule`) over
     two connected non-blocking TCP sockets: receive the left neighbour's stream into `result`,
     combine where the schedule says, stream x / result to the right neighbour. x is only read.
-    Returns "" on success, else why it stopped (peer closed, aborted -- `abort_fd` became
-    readable --, timed out after `timeout` seconds); the sockets are then out of step.
+    Each stream opens with the sender's signature (`header`, int64); the left neighbour's is
+    received into `left_header` and compared before any data byte is read.
+    Returns "" on success, else why it stopped ("signature mismatch", peer closed, aborted --
+    `abort_fd` became readable --, timed out after `timeout` seconds); the sockets are then
+    out of step.
 
     impl=None never compiles anything (it runs inside a step): the C++ executor if the
     extension is loaded or built, else the reference."""
@@ -612,11 +617,17 @@ def ring_allreduce(
             raise ValueError(f"ring_allreduce: {what} must be a flat contiguous CPU tensor")
     if x.dtype != result.dtype or x.numel() != result.numel():
         raise ValueError("ring_allreduce: x and result must have one dtype and length")
+    if header.dtype != torch.int64 or left_header.dtype != torch.int64:
+        raise ValueError("ring_allreduce: headers must be int64")
+    if header.dim() != 1 or not header.numel() or left_header.shape != header.shape:
+        raise ValueError("ring_allreduce: headers must be non-empty vectors of one length")
     mod = _checksum_module("ring_allreduce", impl)
     if mod is None:
         return ref.ring_allreduce(
-            left_fd, right_fd, abort_fd, x, result, recvs, sends, RING_OPS[op], world, timeout
+            left_fd, right_fd, abort_fd, x, result, recvs, sends, RING_OPS[op], world, timeout,
+            header, left_header,
         )
     return mod.ring_allreduce(
-        left_fd, right_fd, abort_fd, x, result, recvs, sends, RING_OPS[op], world, timeout
+        left_fd, right_fd, abort_fd, x, result, recvs, sends, RING_OPS[op], world, timeout,
+        header, left_header,
     )

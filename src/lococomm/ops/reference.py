@@ -578,10 +578,14 @@ def ring_allreduce(
     op: int,
     world: int,
     timeout: float,
+    header: torch.Tensor,
+    left_header: torch.Tensor,
 ) -> str:
     """Reference of the ring executor: the same schedule, streams and combines as
     csrc/ring.cpp with os.readv / os.write on the non-blocking sockets and poll(2) between
-    them. Returns "" on success, else why it stopped. Members running the kernel and members
+    them. Each stream opens with the sender's signature `header`; the left neighbour's lands
+    in `left_header` and must equal ours ("signature mismatch" otherwise) before any data is
+    read. Returns "" on success, else why it stopped. Members running the kernel and members
     running this reference can share one ring (the bytes on the wire are the same)."""
     import os
     import select
@@ -590,6 +594,9 @@ def ring_allreduce(
     size = x.element_size()
     x_bytes = memoryview(x.view(torch.uint8).numpy())
     r_bytes = memoryview(result.view(torch.uint8).numpy())
+    mine, theirs = memoryview(header.numpy()).cast("B"), memoryview(left_header.numpy()).cast("B")
+    header_in = header_out = 0
+    checked = False
     rows_in, rows_out = recvs.tolist(), sends.tolist()
     recv_i = recv_off = send_i = send_off = 0
     deadline = time.monotonic() + timeout
@@ -597,9 +604,35 @@ def ring_allreduce(
     def send_ready() -> bool:
         return send_i < len(rows_out) and rows_out[send_i][3] < recv_i
 
-    while recv_i < len(rows_in) or send_i < len(rows_out):
+    while recv_i < len(rows_in) or send_i < len(rows_out) or not checked or header_out < len(mine):
         progressed = False
-        while recv_i < len(rows_in):
+        # our signature first (also before giving up on a mismatch: the right neighbour names it)
+        while header_out < len(mine):
+            try:
+                header_out += os.write(right_fd, mine[header_out:])
+                progressed = True
+            except BlockingIOError:
+                break
+            except OSError as e:
+                return f"send to right neighbour failed: {e.strerror}"
+        while header_in < len(theirs):
+            try:
+                got = os.readv(left_fd, [theirs[header_in:]])
+            except BlockingIOError:
+                break
+            except OSError as e:
+                return f"receive from left neighbour failed: {e.strerror}"
+            if got == 0:
+                return "peer closed the connection (left neighbour)"
+            header_in += got
+            progressed = True
+        if header_in == len(theirs) and not checked:
+            if bytes(mine) != bytes(theirs):
+                if header_out == len(mine):
+                    return "signature mismatch"
+            else:
+                checked = True
+        while checked and recv_i < len(rows_in):
             a, b, action = rows_in[recv_i]
             total = (b - a) * size
             try:
@@ -621,7 +654,7 @@ def ring_allreduce(
                 recv_i, recv_off = recv_i + 1, 0
                 if send_ready():
                     break
-        while send_ready():
+        while header_out == len(mine) and send_ready():
             a, b, source, _ = rows_out[send_i]
             total = (b - a) * size
             data = x_bytes if source == RING_FROM_X else r_bytes
@@ -642,9 +675,9 @@ def ring_allreduce(
             return "timed out waiting for peers"
         poller = select.poll()
         poller.register(abort_fd, select.POLLIN)
-        if recv_i < len(rows_in):
+        if header_in < len(theirs) or (checked and recv_i < len(rows_in)):
             poller.register(left_fd, select.POLLIN)
-        if send_ready():
+        if header_out < len(mine) or send_ready():
             poller.register(right_fd, select.POLLOUT)
         for fd, _ in poller.poll(min(remaining, 0.1) * 1e3):
             if fd == abort_fd:
