@@ -1,7 +1,8 @@
 """The zero-copy exact ring (collectives/exact_ring.py): results, storage rules, failures.
 
-Real worker processes on gloo/127.0.0.1; tensors of 16-32 MiB so blocking all-reduces take the
-ring (async ones keep gloo's all-reduce, covered by test_fault_tolerance.py).
+Real worker processes on gloo/127.0.0.1; blocking all-reduces take the ring (async ones keep
+gloo's all-reduce, covered by test_fault_tolerance.py); the executor itself is tested in one
+process by test_ring_executor.py.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from fault_worker import value_of
 from lococomm.collectives.ownership import exclusively_owned, swappable
 
-RING_NUMEL = 4 << 20  # 16 MiB of fp32: over exact_ring.MIN_BYTES
+RING_NUMEL = 4 << 20  # 16 MiB of fp32: long enough for a signal to land mid-ring
 
 
 def test_only_plain_sole_owners_may_have_their_storage_swapped():
@@ -34,11 +35,16 @@ def test_only_plain_sole_owners_may_have_their_storage_swapped():
 
 
 @pytest.mark.timeout(180)
-def test_ring_results_are_exact_and_bit_identical_on_every_member(workers, coordinator_factory):
+@pytest.mark.parametrize("executors", ["cpp", "mixed"])
+def test_ring_results_are_exact_and_bit_identical_on_every_member(workers, coordinator_factory, executors):
+    # mixed: w1 runs the Python reference executor (LOCOCOMM_OPS_BACKEND=torch) in the same ring
     coordinator = coordinator_factory(heartbeat_timeout=2.0, initial_workers=3)
     names = ["w0", "w1", "w2"]
     for name in names:
-        workers.start(name, "ring_worker.py", "--coordinator", coordinator.address, "--replica", name)
+        env = {"LOCOCOMM_OPS_BACKEND": "torch"} if executors == "mixed" and name == "w1" else None
+        workers.start(
+            name, "ring_worker.py", "--coordinator", coordinator.address, "--replica", name, env=env
+        )
     for name in names:
         assert workers.wait_exit(name, 170) == 0, workers.dump()
     per_member = {name: workers.records(name, "step") for name in names}
