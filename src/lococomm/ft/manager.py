@@ -453,10 +453,11 @@ class Manager:
         Returns True on success (False: the step failed and `tensor` is unchanged). With
         async_op=True returns a Handle whose wait() gives that bool. `verify` exchanges a
         signature header first so mismatched shapes/dtypes fail the step with a clear message.
-        A blocking call on a large (>= 8 MiB) contiguous CPU tensor runs a ring that never
-        writes `tensor` until it succeeded (no backup copy); if nothing else can see the
-        tensor's storage (no views, not numpy/shared memory) the tensor then takes the result
-        buffer's storage instead of a copy, so its data_ptr() changes.
+        A blocking call on a CPU tensor (gloo) runs lococomm's own ring (C++, over the epoch's
+        TCP connections to the ring neighbours) that never writes `tensor` until it succeeded
+        (no backup copy) and always checks the signature in its streams; if nothing else can
+        see the tensor's storage (no views, not numpy/shared memory) the tensor then takes the
+        result buffer's storage instead of a copy, so its data_ptr() changes.
 
         codec (e.g. lc.codecs.Int8()) compresses on the wire ("sum"/"mean" only; see
         docs/compressed_collectives.md); error_feedback (ErrorFeedback/EF21/EControl on the same
