@@ -166,7 +166,7 @@ def test_signature_mismatch_stops_before_any_data_is_read(impl):
     world = 3
     inputs = _inputs(world, 4000, torch.float32)
     headers = [[1, 1, 4000], [1, 1, 4001], [1, 1, 4000]]  # member 1 claims another size
-    results, errors = _run_ring(inputs, "sum", [impl], headers=headers)
+    _, errors = _run_ring(inputs, "sum", [impl], headers=headers)
     # member 1 sees its left neighbour's header differ, member 2 sees member 1's differ; both
     # say so; member 0 learns it from the closed connection
     assert errors[1] == "signature mismatch" and errors[2] == "signature mismatch", errors

@@ -30,20 +30,24 @@ allocation (`swappable`), else R is copied into it. On failure the tensor was ne
 nothing is pending (the executor returned), so R goes back to the pool, and the sockets, whose
 streams are now out of step, are closed -- which also stops the neighbours at once.
 
-The ring runs on the calling thread, so it is used for blocking calls only; async calls keep
-gloo's own all-reduce, whose threads need no caller.
+Blocking calls run the ring on the calling thread; async calls run it on the communicator's
+ring thread (one per epoch, calls in submission order), which holds the GIL only to start
+and end a call, and the handle's wait() hands the result over on the caller's thread.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
+import threading
+import weakref
 
 import torch
 
 from lococomm import ops
 from lococomm.collectives import ring_sockets, signature
 from lococomm.collectives.abort import build_with_abort
-from lococomm.collectives.communicator import Communicator
+from lococomm.collectives.communicator import Communicator, Handle
 from lococomm.collectives.ownership import swappable
 from lococomm.collectives.ring_plan import RingPlan, plan_ring, ring_bytes
 
@@ -69,6 +73,8 @@ def _sockets(comm: Communicator) -> tuple[ring_sockets.RingSockets | None, str |
     sockets = ring_sockets.known(comm)
     if sockets is not None:
         return sockets, None
+    if ring_sockets.broken(comm):
+        return None, "the ring failed earlier in this epoch"
     assert comm.connect_ring is not None
     sockets, err = build_with_abort(comm.connect_ring, comm.abort, comm.timeout, what="ring sockets")
     if sockets is None:
@@ -77,62 +83,186 @@ def _sockets(comm: Communicator) -> tuple[ring_sockets.RingSockets | None, str |
     return sockets, None
 
 
+class _RingCall:
+    """One all-reduce over the ring: prepared on the caller's thread, executed on the caller's
+    thread (blocking) or the communicator's ring thread (async), finished on the caller's."""
+
+    def __init__(
+        self, comm: Communicator, tensor: torch.Tensor, op: str, description: str, fields: list[int]
+    ) -> None:
+        self.comm, self.tensor, self.op = comm, tensor, op
+        self.description, self.fields = description, fields
+        # x is only read; a non-contiguous tensor is read through a contiguous copy
+        self.x: torch.Tensor | None = (
+            tensor.view(-1) if tensor.is_contiguous() else tensor.reshape(-1).contiguous()
+        )
+        self.result = comm.pool.get(self.x.numel(), self.x.dtype, self.x.device)
+        self.header = torch.tensor(fields, dtype=torch.int64)
+        self.left_header = torch.empty_like(self.header)
+        self.err = ""
+        comm.bytes_sent += ring_bytes(self.x.numel(), self.x.element_size(), comm.world_size)
+
+    def execute(self) -> None:
+        """Run the ring (any thread; the executor releases the GIL). Sets `err`."""
+        comm, x = self.comm, self.x
+        assert x is not None
+        try:
+            sockets, why = _sockets(comm)
+            if sockets is None:
+                self.err = why or "ring sockets unavailable"
+                return
+            plan = plan_ring(x.numel(), comm.world_size, 1, max(1, CHUNK_BYTES // x.element_size()))
+            recvs, sends = native_schedule(plan, comm.rank, self.op)
+            self.err = ops.ring_allreduce(
+                sockets.left.fileno(),
+                sockets.right.fileno(),
+                comm.abort.fileno(),
+                x,
+                self.result,
+                recvs,
+                sends,
+                self.op,
+                comm.world_size,
+                comm.timeout,
+                self.header,
+                self.left_header,
+            )
+        except Exception as e:  # a bad argument is a bug, but it must not leave peers waiting
+            log.exception("%s: exact ring failed", self.description)
+            self.err = f"{type(e).__name__}: {e}"
+        if self.err:
+            ring_sockets.drop(comm)  # also stops the neighbours: their streams end here
+
+    def finish(self) -> bool:
+        """On the caller's thread: hand the result to the tensor, or fail the step."""
+        comm, tensor = self.comm, self.tensor
+        self.x = None  # our view of the tensor must not count as another user below
+        if self.err:
+            comm.pool.put(self.result)
+            err = self.err
+            if err == "signature mismatch":
+                left = (comm.rank - 1) % comm.world_size
+                pairs = sorted([(left, self.left_header.tolist()), (comm.rank, self.fields)])
+                rows, ranks = [row for _, row in pairs], [rank for rank, _ in pairs]
+                comm.fail(signature.mismatch_message(self.description, rows, ranks) or err)
+            else:
+                comm.fail(f"{self.description}: {err}")
+            return False
+        with torch.no_grad():
+            if tensor.is_contiguous() and swappable(tensor):
+                old = tensor.view(-1)  # nobody else sees this storage: it becomes a next R
+                tensor.set_(self.result.untyped_storage(), 0, tensor.shape, tensor.stride())
+                comm.pool.put(old)
+            else:
+                tensor.copy_(self.result.view(tensor.shape))
+                comm.pool.put(self.result)
+        return True
+
+
+class _RingThread:
+    """The communicator's thread for async ring calls. Calls run one after the other in
+    submission order (every member submits the same calls in the same order, so the streams
+    match); a blocking call waits until the thread is idle and then runs inline."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._jobs: collections.deque[tuple[_RingCall, threading.Event]] = collections.deque()
+        self._busy = False
+        self._thread = threading.Thread(target=self._loop, name="lococomm-ring", daemon=True)
+        self._thread.start()
+
+    def submit(self, call: _RingCall) -> threading.Event:
+        done = threading.Event()
+        with self._cond:
+            self._jobs.append((call, done))
+            self._cond.notify_all()
+        return done
+
+    def wait_idle(self) -> None:
+        """Until every submitted call ran (each is bounded by the executor's deadline)."""
+        with self._cond:
+            while self._jobs or self._busy:
+                self._cond.wait()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._jobs.append((None, None))  # type: ignore[arg-type]
+            self._cond.notify_all()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._jobs:
+                    self._cond.wait()
+                call, done = self._jobs.popleft()
+                if call is None:
+                    return
+                self._busy = True
+            try:
+                call.execute()
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+                done.set()
+                # Drop our references: a finished call holds its communicator, which must be
+                # collectable (its finalizer stops this thread and closes the sockets).
+                call = done = None  # type: ignore[assignment]
+
+
+_THREADS: dict[int, _RingThread] = {}
+_THREADS_LOCK = threading.Lock()
+
+
+def _ring_thread(comm: Communicator) -> _RingThread:
+    with _THREADS_LOCK:
+        thread = _THREADS.get(id(comm))
+        if thread is None:
+            thread = _THREADS[id(comm)] = _RingThread()
+            weakref.finalize(comm, _stop_thread, id(comm))
+        return thread
+
+
+def _stop_thread(key: int) -> None:
+    with _THREADS_LOCK:
+        thread = _THREADS.pop(key, None)
+    if thread is not None:
+        thread.stop()
+
+
 def allreduce(
     comm: Communicator, tensor: torch.Tensor, op: str, description: str, fields: list[int]
 ) -> bool:
-    """All-reduce `tensor` (eligible) over the ring; True on success (tensor holds the
-    result), False with the step failed and the tensor untouched. `fields` is the call's
-    signature (`signature.fields`), checked against the left neighbour's in the stream."""
-    sockets, why = _sockets(comm)
-    if sockets is None:
-        comm.fail(f"{description}: {why}")
-        return False
-    swap = tensor.is_contiguous() and swappable(tensor)  # before our views raise its use count
-    x = tensor.view(-1) if tensor.is_contiguous() else tensor.reshape(-1).contiguous()
-    plan = plan_ring(x.numel(), comm.world_size, 1, max(1, CHUNK_BYTES // x.element_size()))
-    recvs, sends = native_schedule(plan, comm.rank, op)
-    result = comm.pool.get(x.numel(), x.dtype, x.device)
-    comm.bytes_sent += ring_bytes(x.numel(), x.element_size(), comm.world_size)
-    header = torch.tensor(fields, dtype=torch.int64)
-    left_header = torch.empty_like(header)
-    try:
-        err = ops.ring_allreduce(
-            sockets.left.fileno(),
-            sockets.right.fileno(),
-            comm.abort.fileno(),
-            x,
-            result,
-            recvs,
-            sends,
-            op,
-            comm.world_size,
-            comm.timeout,
-            header,
-            left_header,
-        )
-    except Exception as e:  # a bad argument is a bug, but it must not leave peers waiting
-        log.exception("%s: exact ring failed", description)
-        err = f"{type(e).__name__}: {e}"
-    if err:
-        ring_sockets.drop(comm)  # also stops the neighbours: their streams end here
-        comm.pool.put(result)
-        if err == "signature mismatch":
-            left = (comm.rank - 1) % comm.world_size
-            pairs = sorted([(left, left_header.tolist()), (comm.rank, fields)])
-            rows, ranks = [row for _, row in pairs], [rank for rank, _ in pairs]
-            err = signature.mismatch_message(description, rows, ranks) or err
-            comm.fail(err)
-        else:
-            comm.fail(f"{description}: {err}")
-        return False
-    with torch.no_grad():
-        if swap:
-            tensor.set_(result.untyped_storage(), 0, tensor.shape, tensor.stride())
-            comm.pool.put(x)  # the old storage: nobody else sees it, it becomes the next R
-        else:
-            tensor.copy_(result.view(tensor.shape))
-            comm.pool.put(result)
-    return True
+    """All-reduce `tensor` (eligible) over the ring on the calling thread; True on success
+    (tensor holds the result), False with the step failed and the tensor untouched. `fields`
+    is the call's signature (`signature.fields`), checked against the left neighbour's in the
+    stream. Async calls submitted earlier run first."""
+    with _THREADS_LOCK:
+        thread = _THREADS.get(id(comm))
+    if thread is not None:
+        thread.wait_idle()
+    call = _RingCall(comm, tensor, op, description, fields)
+    call.execute()
+    return call.finish()
+
+
+def allreduce_async(
+    comm: Communicator, tensor: torch.Tensor, op: str, description: str, fields: list[int]
+) -> Handle:
+    """Start the same all-reduce on the communicator's ring thread; the handle's wait()
+    finishes it on the caller's thread (result into the tensor, or the step failed). The
+    tensor must not be modified before wait() (it is read while the ring runs)."""
+    call = _RingCall(comm, tensor, op, description, fields)
+    done = _ring_thread(comm).submit(call)
+
+    def finish() -> bool:
+        # Bounded: a call gives up at its own deadline (rendezvous + executor, each
+        # comm.timeout) or at once on an abort. Waited in slices so Ctrl-C gets through.
+        while not done.wait(0.1):
+            pass
+        return call.finish()
+
+    return Handle(finish)
 
 
 def native_schedule(plan: RingPlan, rank: int, op: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,6 +22,7 @@ import os
 import select
 import socket
 import struct
+import threading
 import time
 import weakref
 from dataclasses import dataclass
@@ -159,26 +160,46 @@ def connect_ring(
             right.close()
 
 
-_SOCKETS: dict[int, RingSockets] = {}
+_SOCKETS: dict[int, RingSockets | None] = {}  # None: dropped after a failure
+_LOCK = threading.Lock()
 
 
 def remember(owner: object, sockets: RingSockets) -> None:
     """Keep `sockets` for as long as `owner` (the epoch's communicator) lives."""
     key = id(owner)
-    _SOCKETS[key] = sockets
+    with _LOCK:
+        _SOCKETS[key] = sockets
     weakref.finalize(owner, _forget, key)
 
 
 def known(owner: object) -> RingSockets | None:
-    return _SOCKETS.get(id(owner))
+    with _LOCK:
+        return _SOCKETS.get(id(owner))
+
+
+def broken(owner: object) -> bool:
+    """True once `owner`'s sockets were dropped: its rendezvous keys are spent, so the ring
+    cannot be reconnected in this epoch (the failed step re-forms the group anyway)."""
+    with _LOCK:
+        key = id(owner)
+        return key in _SOCKETS and _SOCKETS[key] is None
 
 
 def drop(owner: object) -> None:
-    """Close and forget `owner`'s sockets (after a failed ring their streams are out of step)."""
-    _forget(id(owner))
+    """Close `owner`'s sockets (after a failed ring their streams are out of step) and mark
+    the epoch's ring broken."""
+    with _LOCK:
+        key = id(owner)
+        sockets = _SOCKETS.get(key)
+        if key not in _SOCKETS:
+            weakref.finalize(owner, _forget, key)
+        _SOCKETS[key] = None
+    if sockets is not None:
+        sockets.close()
 
 
 def _forget(key: int) -> None:
-    sockets = _SOCKETS.pop(key, None)
+    with _LOCK:
+        sockets = _SOCKETS.pop(key, None)
     if sockets is not None:
         sockets.close()

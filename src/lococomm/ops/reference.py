@@ -567,6 +567,18 @@ def ring_combine(acc: torch.Tensor, mine: torch.Tensor, op: int) -> None:
         torch.minimum(acc, mine, out=acc)
 
 
+def _raw_bytes(t: torch.Tensor) -> memoryview:
+    """A writable byte view of a contiguous CPU tensor's memory, valid while `t` lives. Not
+    `t.numpy()`: exporting to numpy marks the storage non-resizable for good, which would
+    change the caller's tensor (and stop the ring from handing it a new storage)."""
+    import ctypes
+
+    nbytes = t.numel() * t.element_size()
+    if nbytes == 0:
+        return memoryview(bytearray())
+    return memoryview((ctypes.c_char * nbytes).from_address(t.data_ptr())).cast("B")
+
+
 def ring_allreduce(
     left_fd: int,
     right_fd: int,
@@ -592,9 +604,8 @@ def ring_allreduce(
     import time
 
     size = x.element_size()
-    x_bytes = memoryview(x.view(torch.uint8).numpy())
-    r_bytes = memoryview(result.view(torch.uint8).numpy())
-    mine, theirs = memoryview(header.numpy()).cast("B"), memoryview(left_header.numpy()).cast("B")
+    x_bytes, r_bytes = _raw_bytes(x), _raw_bytes(result)
+    mine, theirs = _raw_bytes(header), _raw_bytes(left_header)
     header_in = header_out = 0
     checked = False
     rows_in, rows_out = recvs.tolist(), sends.tolist()
