@@ -19,9 +19,13 @@
 // ATen on narrowed tensors, so it rounds exactly like the torch reference ring.
 //
 // Failure never throws past this file: the call returns a reason ("peer closed the
-// connection", "aborted", "timed out", an errno text) and the caller abandons the sockets.
+// connection", "aborted", "timed out", an errno text) and the caller abandons the sockets. The
+// one exception is a Python signal handler that raises during the wait (Ctrl-C): its
+// exception propagates. An abort is noticed whenever the ring waits; a ring whose data keeps
+// flowing finishes first (its peers are alive).
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
@@ -62,7 +66,10 @@ class RingRun {
 
   std::string run(double timeout_seconds) {
     using clock = std::chrono::steady_clock;
-    const auto deadline = clock::now() + std::chrono::duration<double>(timeout_seconds);
+    // clamped: a huge duration would overflow the clock's nanoseconds
+    const double seconds = std::min(std::max(timeout_seconds, 0.0), 1e7);
+    const auto deadline =
+        clock::now() + std::chrono::duration_cast<clock::duration>(std::chrono::duration<double>(seconds));
     while (recv_i_ < s_.n_recvs || send_i_ < s_.n_sends || !header_checked_ ||
            header_out_ < header_bytes_) {
       bool progressed = false;
@@ -90,8 +97,19 @@ class RingRun {
       if (want_recv) fds[n++] = {left_, POLLIN, 0};
       if (want_send) fds[n++] = {right_, POLLOUT, 0};
       const int rc = ::poll(fds, n, static_cast<int>(std::min<int64_t>(left_ms, 100)));
-      if (rc < 0 && errno != EINTR) return std::string("poll failed: ") + std::strerror(errno);
-      if (rc > 0 && (fds[0].revents & (POLLIN | POLLHUP | POLLERR))) return "aborted";
+      if (rc < 0 && errno == EINTR) {
+        // A signal: let Python run its handlers (Ctrl-C must not wait for the deadline). A
+        // handler that raises (KeyboardInterrupt) ends the call with that exception; other
+        // signals (SIGCHLD, ...) go on with the ring. Only the main thread runs handlers.
+        pybind11::gil_scoped_acquire gil;
+        if (PyErr_CheckSignals() != 0) throw pybind11::error_already_set();
+        continue;
+      }
+      if (rc < 0) return std::string("poll failed: ") + std::strerror(errno);
+      if (rc > 0 && (fds[0].revents & (POLLIN | POLLHUP | POLLERR | POLLNVAL))) return "aborted";
+      for (int i = 1; i < n; ++i) {
+        if (fds[i].revents & POLLNVAL) return "ring socket closed under the executor";
+      }
     }
     return "";
   }

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -248,3 +251,63 @@ def test_schedule_rejects_bad_arguments():
         bad[0, 1] = 11  # beyond the tensor
         with pytest.raises(RuntimeError, match="bad range"):
             ops.ring_allreduce(0, 0, 0, x, torch.empty_like(x), recvs, bad, "sum", 2, 1.0, header, header, impl="cpp")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_ctrl_c_during_a_ring_raises_at_once(impl):
+    # a blocking ring waits for a silent neighbour; SIGINT must not wait for its deadline (30 s)
+    script = f"""
+import os, signal, socket, threading, time, torch
+from lococomm import ops
+from lococomm.collectives.exact_ring import native_schedule
+from lococomm.collectives.ring_plan import plan_ring
+a, b = socket.socketpair(); c, d = socket.socketpair()
+for s in (a, b, c, d):
+    s.setblocking(False)
+read_end, _ = os.pipe()
+x = torch.ones(1000)
+recvs, sends = native_schedule(plan_ring(1000, 2, 1, 100), 0, "sum")
+header = torch.tensor([1])
+threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+started = time.monotonic()
+try:
+    ops.ring_allreduce(a.fileno(), c.fileno(), read_end, x, torch.empty_like(x), recvs, sends,
+                       "sum", 2, 30.0, header, torch.empty_like(header), impl={impl!r})
+except KeyboardInterrupt:
+    print("interrupted after", round(time.monotonic() - started, 2))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=50)
+    assert out.returncode == 0 and "interrupted after" in out.stdout, out
+    assert float(out.stdout.split()[-1]) < 3.0, out.stdout
+
+
+@pytest.mark.skipif(not HAVE_CPP, reason="C++ extension unavailable")
+@pytest.mark.timeout(30)
+def test_a_closed_abort_fd_counts_as_an_abort():
+    links = _ring_sockets(2)
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    os.close(write_end)
+    x = torch.ones(1000)
+    recvs, sends = native_schedule(plan_ring(1000, 2, 1, 100), 0, "sum")
+    header = torch.tensor([1], dtype=torch.int64)
+    started = time.monotonic()
+    err = ops.ring_allreduce(
+        links[0][0].fileno(), links[0][1].fileno(), read_end, x, torch.empty_like(x),
+        recvs, sends, "sum", 2, 10.0, header, torch.empty_like(header), impl="cpp",
+    )
+    assert err == "aborted" and time.monotonic() - started < 1.0, err
+    for left, right in links:
+        left.close()
+        right.close()
+
+
+@pytest.mark.timeout(60)
+def test_exiting_while_an_async_ring_runs_exits_cleanly():
+    # the ring thread is inside the executor when the main thread exits: the exit hook aborts
+    # it, so the process ends with its own status instead of dying in finalization (SIGABRT)
+    worker = Path(__file__).with_name("ring_exit_worker.py")
+    out = subprocess.run([sys.executable, str(worker)], capture_output=True, text=True, timeout=50)
+    assert out.returncode == 3, (out.returncode, out.stdout, out.stderr[-2000:])
+    assert "exiting with 3" in out.stdout

@@ -37,16 +37,19 @@ and end a call, and the handle's wait() hands the result over on the caller's th
 
 from __future__ import annotations
 
+import atexit
 import collections
+import functools
 import logging
 import threading
 import weakref
+from collections.abc import Callable
 
 import torch
 
 from lococomm import ops
 from lococomm.collectives import ring_sockets, signature
-from lococomm.collectives.abort import build_with_abort
+from lococomm.collectives.abort import AbortSignal, build_with_abort
 from lococomm.collectives.communicator import Communicator, Handle
 from lococomm.collectives.ownership import swappable
 from lococomm.collectives.ring_plan import RingPlan, plan_ring, ring_bytes
@@ -54,6 +57,9 @@ from lococomm.collectives.ring_plan import RingPlan, plan_ring, ring_bytes
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 20  # pipeline chunk (bytes)
+# Stream format and schedule version: sent in every header with CHUNK_BYTES, so members whose
+# schedules differ (another lococomm version) report a mismatch instead of mixing bytes.
+PROTOCOL = 2
 
 
 def eligible(comm: Communicator, tensor: torch.Tensor) -> bool:
@@ -91,13 +97,14 @@ class _RingCall:
         self, comm: Communicator, tensor: torch.Tensor, op: str, description: str, fields: list[int]
     ) -> None:
         self.comm, self.tensor, self.op = comm, tensor, op
-        self.description, self.fields = description, fields
+        self.description = description
         # x is only read; a non-contiguous tensor is read through a contiguous copy
         self.x: torch.Tensor | None = (
             tensor.view(-1) if tensor.is_contiguous() else tensor.reshape(-1).contiguous()
         )
         self.result = comm.pool.get(self.x.numel(), self.x.dtype, self.x.device)
-        self.header = torch.tensor(fields, dtype=torch.int64)
+        self.fields = [*fields, PROTOCOL, CHUNK_BYTES]
+        self.header = torch.tensor(self.fields, dtype=torch.int64)
         self.left_header = torch.empty_like(self.header)
         self.err = ""
         comm.bytes_sent += ring_bytes(self.x.numel(), self.x.element_size(), comm.world_size)
@@ -130,6 +137,9 @@ class _RingCall:
         except Exception as e:  # a bad argument is a bug, but it must not leave peers waiting
             log.exception("%s: exact ring failed", self.description)
             self.err = f"{type(e).__name__}: {e}"
+        except BaseException:  # Ctrl-C during the ring: the streams are out of step
+            ring_sockets.drop(comm)
+            raise
         if self.err:
             ring_sockets.drop(comm)  # also stops the neighbours: their streams end here
 
@@ -160,54 +170,63 @@ class _RingCall:
 
 
 class _RingThread:
-    """The communicator's thread for async ring calls. Calls run one after the other in
+    """The communicator's thread for async ring calls. Jobs run one after the other in
     submission order (every member submits the same calls in the same order, so the streams
     match); a blocking call waits until the thread is idle and then runs inline."""
 
-    def __init__(self) -> None:
+    def __init__(self, abort: AbortSignal) -> None:
+        self.abort = abort  # the epoch's (not the communicator: the thread must not keep it alive)
         self._cond = threading.Condition()
-        self._jobs: collections.deque[tuple[_RingCall, threading.Event]] = collections.deque()
+        self._jobs: collections.deque[tuple[Callable[[], None], threading.Event] | None] = (
+            collections.deque()
+        )
         self._busy = False
         self._thread = threading.Thread(target=self._loop, name="lococomm-ring", daemon=True)
         self._thread.start()
 
-    def submit(self, call: _RingCall) -> threading.Event:
+    def submit(self, job: Callable[[], None]) -> threading.Event:
         done = threading.Event()
         with self._cond:
-            self._jobs.append((call, done))
+            self._jobs.append((job, done))
             self._cond.notify_all()
         return done
 
     def wait_idle(self) -> None:
-        """Until every submitted call ran (each is bounded by the executor's deadline)."""
+        """Until every submitted job ran (each ring call is bounded by its deadline)."""
         with self._cond:
             while self._jobs or self._busy:
                 self._cond.wait()
 
     def stop(self) -> None:
+        """Exit after the jobs already submitted."""
         with self._cond:
-            self._jobs.append((None, None))  # type: ignore[arg-type]
+            self._jobs.append(None)
             self._cond.notify_all()
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
 
     def _loop(self) -> None:
         while True:
             with self._cond:
                 while not self._jobs:
                     self._cond.wait()
-                call, done = self._jobs.popleft()
-                if call is None:
+                item = self._jobs.popleft()
+                if item is None:
                     return
                 self._busy = True
+            job, done = item
+            del item
             try:
-                call.execute()
+                job()
             finally:
                 with self._cond:
                     self._busy = False
                     self._cond.notify_all()
                 done.set()
-                # Drop our references: a finished call holds its communicator, which must be
-                # collectable (its finalizer stops this thread and closes the sockets).
-                call = done = None  # type: ignore[assignment]
+                # A finished call holds its communicator, which must stay collectable (its
+                # finalizer stops this thread and closes the sockets).
+                job = done = None  # type: ignore[assignment]
 
 
 _THREADS: dict[int, _RingThread] = {}
@@ -218,7 +237,7 @@ def _ring_thread(comm: Communicator) -> _RingThread:
     with _THREADS_LOCK:
         thread = _THREADS.get(id(comm))
         if thread is None:
-            thread = _THREADS[id(comm)] = _RingThread()
+            thread = _THREADS[id(comm)] = _RingThread(comm.abort)
             weakref.finalize(comm, _stop_thread, id(comm))
         return thread
 
@@ -228,6 +247,40 @@ def _stop_thread(key: int) -> None:
         thread = _THREADS.pop(key, None)
     if thread is not None:
         thread.stop()
+
+
+def release(comm: Communicator, wait: float = 5.0) -> None:
+    """The epoch is over (its abort is set): stop its ring thread and close its ring sockets.
+    A call still running on the thread returns at once on the abort (a ring whose data still
+    flows finishes first); the sockets are closed only after it (closing an fd the executor
+    polls could hand its number to a new socket the executor would then read). Joined here,
+    up to `wait` seconds, so no ring thread outlives its manager (a daemon thread inside
+    native code while the interpreter finalizes can take the process down)."""
+    with _THREADS_LOCK:
+        thread = _THREADS.pop(id(comm), None)
+    if thread is None:
+        ring_sockets.drop(comm)
+        return
+    thread.submit(functools.partial(ring_sockets.drop, comm))
+    thread.stop()
+    thread.join(wait)  # if a call is still finishing, the thread closes the sockets after it
+
+
+def _abort_rings_at_exit() -> None:
+    # A ring thread must not be inside the executor (GIL released) when the interpreter
+    # finalizes: re-taking the GIL then terminates the process. Abort what runs, let it return.
+    with _THREADS_LOCK:
+        threads = list(_THREADS.values())
+        _THREADS.clear()
+    for thread in threads:
+        thread.abort.abort("interpreter exiting")
+        thread.stop()
+    for thread in threads:
+        thread.join(5.0)
+
+
+# Runs before non-daemon threads are joined and before atexit handlers (which may close fds).
+getattr(threading, "_register_atexit", atexit.register)(_abort_rings_at_exit)
 
 
 def allreduce(
@@ -253,7 +306,7 @@ def allreduce_async(
     finishes it on the caller's thread (result into the tensor, or the step failed). The
     tensor must not be modified before wait() (it is read while the ring runs)."""
     call = _RingCall(comm, tensor, op, description, fields)
-    done = _ring_thread(comm).submit(call)
+    done = _ring_thread(comm).submit(call.execute)
 
     def finish() -> bool:
         # Bounded: a call gives up at its own deadline (rendezvous + executor, each

@@ -31,9 +31,10 @@ from lococomm.collectives.abort import AbortSignal
 
 log = logging.getLogger(__name__)
 
-_MAGIC = b"LCRING01"
+_MAGIC = b"LCRING02"  # bump whenever the ring's schedule or stream format changes
 _HELLO = struct.Struct("!8sQ16s")  # magic, sender rank, receiver's nonce: 32 bytes
 _SLICE_SECONDS = 0.05  # longest an abort can go unnoticed during the rendezvous
+_HELLO_SECONDS = 2.0  # a connected peer's hello is 32 bytes: it comes at once or never
 
 
 class RendezvousError(RuntimeError):
@@ -49,6 +50,12 @@ class RingSockets:
 
     def close(self) -> None:
         for s in (self.right, self.left):
+            try:
+                # shutdown first: a forked child (a DataLoader worker) may hold a copy of the
+                # fd, and close() alone would then send no FIN to the neighbour
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             try:
                 s.close()
             except OSError:
@@ -72,8 +79,9 @@ def _wait_readable(sock: socket.socket, abort: AbortSignal, deadline: float, wha
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise RendezvousError(f"{what}: timed out")
-        ready, _, _ = select.select([sock], [], [], min(remaining, _SLICE_SECONDS))
-        if ready:
+        poller = select.poll()  # not select.select: it refuses fds >= 1024
+        poller.register(sock.fileno(), select.POLLIN)
+        if poller.poll(min(remaining, _SLICE_SECONDS) * 1e3):
             return
 
 
@@ -135,8 +143,10 @@ def connect_ring(
             conn, peer = listener.accept()
             try:
                 conn.setblocking(True)
+                # a stray connection that sends nothing must not hold the accept loop
+                hello_deadline = min(deadline, time.monotonic() + _HELLO_SECONDS)
                 magic, sender, presented = _HELLO.unpack(
-                    _read_exact(conn, _HELLO.size, abort, deadline)
+                    _read_exact(conn, _HELLO.size, abort, hello_deadline)
                 )
             except (OSError, RendezvousError, struct.error) as e:
                 log.warning("ring link: dropped a connection from %s: %s", peer, e)
@@ -147,10 +157,14 @@ def connect_ring(
                 conn.close()
                 continue
             break
-        _tune(right)
-        _tune(conn)
         sockets = RingSockets(right=right, left=conn)
         right = None
+        try:
+            _tune(sockets.right)
+            _tune(sockets.left)
+        except OSError:
+            sockets.close()
+            raise
         return sockets
     except OSError as e:
         raise RendezvousError(f"ring link: {e}") from e

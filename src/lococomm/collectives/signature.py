@@ -32,7 +32,8 @@ _DTYPES = [
     torch.int64,
     torch.bool,
 ]
-FIELD_NAMES = ("kind", "op", "dtype", "numel", "ndim", "shape", "extra")
+# the exact ring appends its stream protocol version and chunk size (exact_ring.PROTOCOL)
+FIELD_NAMES = ("kind", "op", "dtype", "numel", "ndim", "shape", "extra", "ring protocol", "ring chunk bytes")
 
 
 def dtype_code(dtype: torch.dtype) -> int:

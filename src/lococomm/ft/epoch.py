@@ -82,11 +82,13 @@ def ring_host(local_address: str) -> str:
         import psutil
 
         name = interface.split(",")[0]
-        for address in psutil.net_if_addrs().get(name, []):
-            if address.family == socket.AF_INET:
-                return address.address
-        raise RuntimeError(f"GLOO_SOCKET_IFNAME={name!r} has no IPv4 address")
-    return os.environ.get("LOCOCOMM_GLOO_HOST", local_address)
+        addresses = psutil.net_if_addrs().get(name, [])
+        for family in (socket.AF_INET, socket.AF_INET6):
+            for address in addresses:
+                if address.family == family:
+                    return address.address.split("%")[0]  # drop an IPv6 zone suffix
+        raise RuntimeError(f"GLOO_SOCKET_IFNAME={name!r} has no IP address")
+    return os.environ.get("LOCOCOMM_GLOO_HOST", local_address).strip("[]")
 
 
 def new_process_group(

@@ -15,6 +15,7 @@ alike, because it is carried by the commit decision they all receive.
 from __future__ import annotations
 
 import atexit
+import functools
 import hashlib
 import logging
 import os
@@ -28,7 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from lococomm.collectives import compressed, exact
+from lococomm.collectives import compressed, exact, exact_ring
 from lococomm.collectives.abort import AbortSignal
 from lococomm.collectives.buffers import BufferPool, Graveyard
 from lococomm.collectives.communicator import Communicator, Handle
@@ -729,8 +730,12 @@ class Manager:
             make_group=lambda suffix, rank, size: self._groups.new_group(
                 f"{info.store_prefix}/{suffix}", rank, size
             ),
-            connect_ring=lambda: self._groups.ring_sockets(
-                f"{info.store_prefix}/ring-tcp", info.rank, info.world_size, ctx.abort
+            connect_ring=functools.partial(
+                self._groups.ring_sockets,
+                f"{info.store_prefix}/ring-tcp",
+                info.rank,
+                info.world_size,
+                ctx.abort,  # not ctx: the communicator is ctx.comm (no reference cycle)
             ),
         )
         return True
@@ -743,6 +748,7 @@ class Manager:
         ctx.abort.abort(reason)
         if ctx.comm is not None:
             self._bytes_retired += ctx.comm.bytes_sent
+            exact_ring.release(ctx.comm)
             if ctx.comm.pg is not None:
                 self.graveyard.retire_group(ctx.comm.pg)
         self._ctx = None

@@ -15,7 +15,12 @@ encoded independently and still draw the same numbers as the whole.
 
 from __future__ import annotations
 
+import ctypes
 import math
+import os
+import select
+import socket
+import time
 
 import torch
 
@@ -571,8 +576,6 @@ def _raw_bytes(t: torch.Tensor) -> memoryview:
     """A writable byte view of a contiguous CPU tensor's memory, valid while `t` lives. Not
     `t.numpy()`: exporting to numpy marks the storage non-resizable for good, which would
     change the caller's tensor (and stop the ring from handing it a new storage)."""
-    import ctypes
-
     nbytes = t.numel() * t.element_size()
     if nbytes == 0:
         return memoryview(bytearray())
@@ -594,15 +597,37 @@ def ring_allreduce(
     left_header: torch.Tensor,
 ) -> str:
     """Reference of the ring executor: the same schedule, streams and combines as
-    csrc/ring.cpp with os.readv / os.write on the non-blocking sockets and poll(2) between
+    csrc/ring.cpp with os.readv / send(MSG_NOSIGNAL) on the non-blocking sockets and poll(2) between
     them. Each stream opens with the sender's signature `header`; the left neighbour's lands
     in `left_header` and must equal ours ("signature mismatch" otherwise) before any data is
     read. Returns "" on success, else why it stopped. Members running the kernel and members
     running this reference can share one ring (the bytes on the wire are the same)."""
-    import os
-    import select
-    import time
+    # Sends go through a socket object for MSG_NOSIGNAL: a closed neighbour must be an error,
+    # not SIGPIPE (whatever disposition the application gave that signal).
+    right = socket.socket(fileno=os.dup(right_fd))
+    try:
+        return _ring_run(
+            left_fd, right, abort_fd, x, result, recvs, sends, op, world, timeout, header, left_header
+        )
+    finally:
+        right.close()
 
+
+def _ring_run(
+    left_fd: int,
+    right: socket.socket,
+    abort_fd: int,
+    x: torch.Tensor,
+    result: torch.Tensor,
+    recvs: torch.Tensor,
+    sends: torch.Tensor,
+    op: int,
+    world: int,
+    timeout: float,
+    header: torch.Tensor,
+    left_header: torch.Tensor,
+) -> str:
+    right_fd = right.fileno()
     size = x.element_size()
     x_bytes, r_bytes = _raw_bytes(x), _raw_bytes(result)
     mine, theirs = _raw_bytes(header), _raw_bytes(left_header)
@@ -620,7 +645,7 @@ def ring_allreduce(
         # our signature first (also before giving up on a mismatch: the right neighbour names it)
         while header_out < len(mine):
             try:
-                header_out += os.write(right_fd, mine[header_out:])
+                header_out += right.send(mine[header_out:], socket.MSG_NOSIGNAL)
                 progressed = True
             except BlockingIOError:
                 break
@@ -670,7 +695,7 @@ def ring_allreduce(
             total = (b - a) * size
             data = x_bytes if source == RING_FROM_X else r_bytes
             try:
-                put = os.write(right_fd, data[a * size + send_off : b * size])
+                put = right.send(data[a * size + send_off : b * size], socket.MSG_NOSIGNAL)
             except BlockingIOError:
                 break
             except OSError as e:
