@@ -454,11 +454,13 @@ class Manager:
         Returns True on success (False: the step failed and `tensor` is unchanged). With
         async_op=True returns a Handle whose wait() gives that bool. `verify` exchanges a
         signature header first so mismatched shapes/dtypes fail the step with a clear message.
-        A blocking call on a CPU tensor (gloo) runs lococomm's own ring (C++, over the epoch's
-        TCP connections to the ring neighbours) that never writes `tensor` until it succeeded
-        (no backup copy) and always checks the signature in its streams; if nothing else can
-        see the tensor's storage (no views, not numpy/shared memory) the tensor then takes the
-        result buffer's storage instead of a copy, so its data_ptr() changes.
+        A CPU tensor (gloo) goes through lococomm's own ring (C++, over the epoch's TCP
+        connections to the ring neighbours; async calls run it on the epoch's ring thread, in
+        call order) that never writes `tensor` until it succeeded (no backup copy) and always
+        checks the signature in its streams; if nothing else can see the tensor's storage (no
+        views, not numpy/shared memory) the tensor then takes the result buffer's storage
+        instead of a copy, so its data_ptr() changes. Do not modify a tensor before its async
+        handle was waited: the ring reads it while it runs.
 
         codec (e.g. lc.codecs.Int8()) compresses on the wire ("sum"/"mean" only; see
         docs/compressed_collectives.md); error_feedback (ErrorFeedback/EF21/EControl on the same
