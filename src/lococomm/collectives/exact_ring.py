@@ -41,6 +41,7 @@ import atexit
 import collections
 import functools
 import logging
+import os
 import threading
 import weakref
 from collections.abc import Callable
@@ -62,13 +63,19 @@ CHUNK_BYTES = 1 << 20  # pipeline chunk (bytes)
 PROTOCOL = 2
 
 
+# LOCOCOMM_EXACT_RING=0 sends exact CPU all-reduces through gloo instead (with the pipelined
+# backup copy): a switch for comparisons and debugging, which must be the same on every member.
+enabled = os.environ.get("LOCOCOMM_EXACT_RING", "1").strip() != "0"
+
+
 def eligible(comm: Communicator, tensor: torch.Tensor) -> bool:
-    """Whether a blocking all-reduce of `tensor` takes the ring: any CPU tensor on an epoch
+    """Whether an exact all-reduce of `tensor` takes the ring: any CPU tensor on an epoch
     that can connect ring sockets. Nothing about the tensor's size or dtype decides, so members
     whose tensors differ (a bug the signature in the stream reports) still meet in the ring
     rather than wait for each other in different collectives."""
     return (
-        comm.world_size >= 2
+        enabled
+        and comm.world_size >= 2
         and comm.connect_ring is not None
         and comm.device.type == "cpu"
         and tensor.device.type == "cpu"
@@ -143,20 +150,25 @@ class _RingCall:
         if self.err:
             ring_sockets.drop(comm)  # also stops the neighbours: their streams end here
 
+    def fail(self) -> None:
+        """After a failed execute(): the result buffer back to the pool, the step failed with
+        a message naming the call (and, on a mismatch, who holds which signature)."""
+        comm, err = self.comm, self.err
+        comm.pool.put(self.result)
+        if err == "signature mismatch":
+            left = (comm.rank - 1) % comm.world_size
+            pairs = sorted([(left, self.left_header.tolist()), (comm.rank, self.fields)])
+            rows, ranks = [row for _, row in pairs], [rank for rank, _ in pairs]
+            comm.fail(signature.mismatch_message(self.description, rows, ranks) or err)
+        else:
+            comm.fail(f"{self.description}: {err}")
+
     def finish(self) -> bool:
         """On the caller's thread: hand the result to the tensor, or fail the step."""
         comm, tensor = self.comm, self.tensor
         self.x = None  # our view of the tensor must not count as another user below
         if self.err:
-            comm.pool.put(self.result)
-            err = self.err
-            if err == "signature mismatch":
-                left = (comm.rank - 1) % comm.world_size
-                pairs = sorted([(left, self.left_header.tolist()), (comm.rank, self.fields)])
-                rows, ranks = [row for _, row in pairs], [rank for rank, _ in pairs]
-                comm.fail(signature.mismatch_message(self.description, rows, ranks) or err)
-            else:
-                comm.fail(f"{self.description}: {err}")
+            self.fail()
             return False
         with torch.no_grad():
             if tensor.is_contiguous() and swappable(tensor):
@@ -347,3 +359,4 @@ def native_schedule(plan: RingPlan, rank: int, op: str) -> tuple[torch.Tensor, t
         torch.tensor(recvs, dtype=torch.int64).reshape(-1, 3),
         torch.tensor(sends, dtype=torch.int64).reshape(-1, 4),
     )
+

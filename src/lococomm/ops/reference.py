@@ -613,6 +613,24 @@ def ring_allreduce(
         right.close()
 
 
+def _send_failed(
+    left_fd: int, mine: memoryview, theirs: memoryview, header_in: int, checked: bool, e: OSError
+) -> str:
+    """As csrc/ring.cpp's send_failed: a left neighbour's differing signature already here
+    is the news, rather than the broken connection the mismatch caused downstream."""
+    while not checked and header_in < len(theirs):
+        try:
+            got = os.readv(left_fd, [theirs[header_in:]])
+        except OSError:
+            break
+        if got == 0:
+            break
+        header_in += got
+    if not checked and header_in == len(theirs) and bytes(mine) != bytes(theirs):
+        return "signature mismatch"
+    return f"send to right neighbour failed: {e.strerror}"
+
+
 def _ring_run(
     left_fd: int,
     right: socket.socket,
@@ -650,7 +668,7 @@ def _ring_run(
             except BlockingIOError:
                 break
             except OSError as e:
-                return f"send to right neighbour failed: {e.strerror}"
+                return _send_failed(left_fd, mine, theirs, header_in, checked, e)
         while header_in < len(theirs):
             try:
                 got = os.readv(left_fd, [theirs[header_in:]])
@@ -699,7 +717,7 @@ def _ring_run(
             except BlockingIOError:
                 break
             except OSError as e:
-                return f"send to right neighbour failed: {e.strerror}"
+                return _send_failed(left_fd, mine, theirs, header_in, checked, e)
             send_off += put
             progressed = True
             if send_off == total:
