@@ -125,6 +125,7 @@ def main() -> None:
                     "ok": bool(ok),
                     "committed": committed,
                     "value": first,
+                    "own": value,  # this worker's contribution: a failed step leaves it
                     "uniform": bool(torch.all(tensor == first)),
                     "failure": manager.last_failure if not committed else "",
                     "dtype": str(tensor.dtype),
