@@ -144,19 +144,50 @@ class RingRun {
     }
   }
 
+  // Reads what the left socket has into dst[*done, total). "" when complete or nothing is
+  // there yet (*done tells which), else why the stream ended.
+  std::string read_into(char* dst, int64_t total, int64_t* done, bool* progressed) {
+    while (*done < total) {
+      const ssize_t got = ::recv(left_, dst + *done, total - *done, MSG_DONTWAIT);
+      if (got > 0) {
+        *done += got;
+        *progressed = true;
+        continue;
+      }
+      if (got == 0) return "peer closed the connection (left neighbour)";
+      if (errno == EINTR) continue;
+      if (errno == EAGAIN || errno == EWOULDBLOCK) return "";
+      return std::string("receive from left neighbour failed: ") + std::strerror(errno);
+    }
+    return "";
+  }
+
+  // Writes src[*done, total) to the right socket as far as it takes it; "" or why it failed.
+  std::string write_from(const char* src, int64_t total, int64_t* done, bool* progressed) {
+    while (*done < total) {
+      const ssize_t put = ::send(right_, src + *done, total - *done, MSG_DONTWAIT | MSG_NOSIGNAL);
+      if (put > 0) {
+        *done += put;
+        *progressed = true;
+        continue;
+      }
+      if (put < 0 && errno == EINTR) continue;
+      if (put < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return "";
+      return send_failed(put < 0 ? std::strerror(errno) : "no progress");
+    }
+    return "";
+  }
+
   // A member that finds a mismatch stops and closes its sockets, and the failures travel
   // around the ring; if our left neighbour's differing signature is already here, that is
   // the news to report rather than the broken connection it caused.
   std::string send_failed(const char* why) {
-    while (!header_checked_ && header_in_ < header_bytes_) {
-      const ssize_t got =
-          ::recv(left_, left_header_ + header_in_, header_bytes_ - header_in_, MSG_DONTWAIT);
-      if (got <= 0) break;
-      header_in_ += got;
-    }
-    if (!header_checked_ && header_in_ == header_bytes_ &&
-        std::memcmp(header_, left_header_, header_bytes_) != 0) {
-      return "signature mismatch";
+    if (!header_checked_) {
+      bool ignored = false;
+      read_into(left_header_, header_bytes_, &header_in_, &ignored);  // whatever has arrived
+      if (header_in_ == header_bytes_ && std::memcmp(header_, left_header_, header_bytes_) != 0) {
+        return "signature mismatch";
+      }
     }
     return std::string("send to right neighbour failed: ") + why;
   }
@@ -171,19 +202,8 @@ class RingRun {
   }
 
   std::string pump_recv(bool* progressed) {
-    while (header_in_ < header_bytes_) {
-      const ssize_t got =
-          ::recv(left_, left_header_ + header_in_, header_bytes_ - header_in_, MSG_DONTWAIT);
-      if (got > 0) {
-        header_in_ += got;
-        *progressed = true;
-        continue;
-      }
-      if (got == 0) return "peer closed the connection (left neighbour)";
-      if (errno == EINTR) continue;
-      if (errno == EAGAIN || errno == EWOULDBLOCK) return "";
-      return std::string("receive from left neighbour failed: ") + std::strerror(errno);
-    }
+    std::string err = read_into(left_header_, header_bytes_, &header_in_, progressed);
+    if (!err.empty() || header_in_ < header_bytes_) return err;
     if (!header_checked_) {
       if (std::memcmp(header_, left_header_, header_bytes_) != 0) {
         if (header_out_ == header_bytes_) return "signature mismatch";
@@ -194,19 +214,8 @@ class RingRun {
     while (recv_i_ < s_.n_recvs) {
       const int64_t* row = recv_row(recv_i_);
       const int64_t total = (row[1] - row[0]) * elem_;
-      char* base = rbytes_ + row[0] * elem_;
-      while (recv_off_ < total) {
-        const ssize_t got = ::recv(left_, base + recv_off_, total - recv_off_, MSG_DONTWAIT);
-        if (got > 0) {
-          recv_off_ += got;
-          *progressed = true;
-          continue;
-        }
-        if (got == 0) return "peer closed the connection (left neighbour)";
-        if (errno == EINTR) continue;
-        if (errno == EAGAIN || errno == EWOULDBLOCK) return "";
-        return std::string("receive from left neighbour failed: ") + std::strerror(errno);
-      }
+      err = read_into(rbytes_ + row[0] * elem_, total, &recv_off_, progressed);
+      if (!err.empty() || recv_off_ < total) return err;
       finish_recv(row);
       recv_i_++;
       recv_off_ = 0;
@@ -220,19 +229,7 @@ class RingRun {
   // Our signature goes out before anything else, and before we give up on a mismatch, so the
   // right neighbour can name the mismatch too instead of only seeing the connection close.
   std::string pump_header(bool* progressed) {
-    while (header_out_ < header_bytes_) {
-      const ssize_t put = ::send(right_, header_ + header_out_, header_bytes_ - header_out_,
-                                 MSG_DONTWAIT | MSG_NOSIGNAL);
-      if (put > 0) {
-        header_out_ += put;
-        *progressed = true;
-        continue;
-      }
-      if (put < 0 && errno == EINTR) continue;
-      if (put < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return "";
-      return send_failed(put < 0 ? std::strerror(errno) : "no progress");
-    }
-    return "";
+    return write_from(header_, header_bytes_, &header_out_, progressed);
   }
 
   std::string pump_send(bool* progressed) {
@@ -241,18 +238,8 @@ class RingRun {
       const int64_t* row = send_row(send_i_);
       const int64_t total = (row[1] - row[0]) * elem_;
       const char* base = (row[2] == kFromX ? xbytes_ : rbytes_) + row[0] * elem_;
-      while (send_off_ < total) {
-        const ssize_t put =
-            ::send(right_, base + send_off_, total - send_off_, MSG_DONTWAIT | MSG_NOSIGNAL);
-        if (put > 0) {
-          send_off_ += put;
-          *progressed = true;
-          continue;
-        }
-        if (put < 0 && errno == EINTR) continue;
-        if (put < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return "";
-        return send_failed(put < 0 ? std::strerror(errno) : "no progress");
-      }
+      std::string err = write_from(base, total, &send_off_, progressed);
+      if (!err.empty() || send_off_ < total) return err;
       send_i_++;
       send_off_ = 0;
       *progressed = true;

@@ -136,6 +136,26 @@ class AbortSignal:
         return None
 
 
+def wait_store_keys(store: Any, keys: list[str], abort: AbortSignal, deadline: float) -> str | None:
+    """Poll a TCPStore until every key exists without blocking past an abort; None, or why it
+    stopped. A check is one ~0.1 ms round trip: fine-grained at first, since a key is usually
+    only a moment away, then backing off to 5 ms. Not `store.wait` with a timeout: a
+    timed-out wait may leave the client connection out of step."""
+    delay = 0.0002
+    while True:
+        try:
+            if store.check(keys):  # True once every key exists
+                return None
+        except Exception as e:  # the store (coordinator) went away
+            return f"store unavailable while waiting for {keys!r}: {e}"
+        if abort.aborted:
+            return f"aborted: {abort.reason}"
+        if time.monotonic() > deadline:
+            return f"timed out waiting for {keys!r}"
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.005)
+
+
 def _close_fds(*fds: int) -> None:
     for fd in fds:
         try:

@@ -113,4 +113,3 @@ class BucketAllreduce:
         if report:
             self.comm.fail(f"{self.description}: {err}")
         return self.outcome
-

@@ -167,7 +167,7 @@ def _allreduce_owned(
         comm.fail(err)
         return Handle.completed(False)
     if account:
-        comm.bytes_sent += _ring_bytes(tensor, comm.world_size)
+        comm.bytes_sent += ring_bytes(tensor.numel(), tensor.element_size(), comm.world_size)
     works: list = []
     a = 0
     try:
@@ -227,7 +227,7 @@ def _allreduce_private(comm, tensor, chunks, opts, scale, description, check=Non
         comm.pool.put(buf)
         comm.fail(err)
         return Handle.completed(False)
-    comm.bytes_sent += _ring_bytes(tensor, comm.world_size)
+    comm.bytes_sent += ring_bytes(tensor.numel(), tensor.element_size(), comm.world_size)
     works: list = []
     try:
         for i, (a, b) in enumerate(chunks):
@@ -352,7 +352,3 @@ def allgather(comm: Communicator, tensor: torch.Tensor, name: str = "", verify: 
         return out
 
     return Handle(finish)
-
-
-def _ring_bytes(tensor: torch.Tensor, world_size: int) -> int:
-    return ring_bytes(tensor.numel(), tensor.element_size(), world_size)

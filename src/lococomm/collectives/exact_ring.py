@@ -125,8 +125,7 @@ class _RingCall:
             if sockets is None:
                 self.err = why or "ring sockets unavailable"
                 return
-            plan = plan_ring(x.numel(), comm.world_size, 1, max(1, CHUNK_BYTES // x.element_size()))
-            recvs, sends = native_schedule(plan, comm.rank, self.op)
+            recvs, sends = _schedule(x.numel(), x.element_size(), comm.world_size, comm.rank, self.op)
             self.err = ops.ring_allreduce(
                 sockets.left.fileno(),
                 sockets.right.fileno(),
@@ -150,25 +149,20 @@ class _RingCall:
         if self.err:
             ring_sockets.drop(comm)  # also stops the neighbours: their streams end here
 
-    def fail(self) -> None:
-        """After a failed execute(): the result buffer back to the pool, the step failed with
-        a message naming the call (and, on a mismatch, who holds which signature)."""
-        comm, err = self.comm, self.err
-        comm.pool.put(self.result)
-        if err == "signature mismatch":
-            left = (comm.rank - 1) % comm.world_size
-            pairs = sorted([(left, self.left_header.tolist()), (comm.rank, self.fields)])
-            rows, ranks = [row for _, row in pairs], [rank for rank, _ in pairs]
-            comm.fail(signature.mismatch_message(self.description, rows, ranks) or err)
-        else:
-            comm.fail(f"{self.description}: {err}")
-
     def finish(self) -> bool:
-        """On the caller's thread: hand the result to the tensor, or fail the step."""
-        comm, tensor = self.comm, self.tensor
+        """On the caller's thread: hand the result to the tensor, or fail the step with a
+        message naming the call (and, on a mismatch, who holds which signature)."""
+        comm, tensor, err = self.comm, self.tensor, self.err
         self.x = None  # our view of the tensor must not count as another user below
-        if self.err:
-            self.fail()
+        if err:
+            comm.pool.put(self.result)
+            if err == "signature mismatch":
+                left = (comm.rank - 1) % comm.world_size
+                pairs = sorted([(left, self.left_header.tolist()), (comm.rank, self.fields)])
+                rows, ranks = [row for _, row in pairs], [rank for rank, _ in pairs]
+                comm.fail(signature.mismatch_message(self.description, rows, ranks) or err)
+            else:
+                comm.fail(f"{self.description}: {err}")
             return False
         with torch.no_grad():
             if tensor.is_contiguous() and swappable(tensor):
@@ -328,6 +322,16 @@ def allreduce_async(
         return call.finish()
 
     return Handle(finish)
+
+
+@functools.lru_cache(maxsize=256)
+def _schedule(
+    numel: int, element_size: int, world: int, rank: int, op: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`native_schedule` of a call's plan, built once per shape (25-150 us in Python; the
+    executor only reads the tensors, so calls of one shape share them)."""
+    plan = plan_ring(numel, world, 1, max(1, CHUNK_BYTES // element_size))
+    return native_schedule(plan, rank, op)
 
 
 def native_schedule(plan: RingPlan, rank: int, op: str) -> tuple[torch.Tensor, torch.Tensor]:

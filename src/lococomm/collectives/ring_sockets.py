@@ -27,7 +27,7 @@ import time
 import weakref
 from dataclasses import dataclass
 
-from lococomm.collectives.abort import AbortSignal
+from lococomm.collectives.abort import AbortSignal, wait_store_keys
 
 log = logging.getLogger(__name__)
 
@@ -96,20 +96,6 @@ def _read_exact(sock: socket.socket, size: int, abort: AbortSignal, deadline: fl
     return data
 
 
-def _wait_key(store: object, key: str, abort: AbortSignal, deadline: float) -> bytes:
-    delay = 0.0005
-    while True:
-        if abort.aborted:
-            raise RendezvousError(f"waiting for {key}: aborted: {abort.reason}")
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise RendezvousError(f"waiting for {key}: timed out")
-        if store.check([key]):  # type: ignore[attr-defined]
-            return store.get(key)  # type: ignore[attr-defined]
-        time.sleep(min(remaining, delay))
-        delay = min(delay * 2, 0.01)
-
-
 def connect_ring(
     store: object, rank: int, world: int, host: str, abort: AbortSignal, timeout: float
 ) -> RingSockets:
@@ -131,7 +117,11 @@ def connect_ring(
         listener.listen(4)
         port = listener.getsockname()[1]
         store.set(f"addr/{rank}", f"{host}:{port}/{nonce.hex()}")  # type: ignore[attr-defined]
-        announced = _wait_key(store, f"addr/{right_rank}", abort, deadline).decode()
+        key = f"addr/{right_rank}"
+        err = wait_store_keys(store, [key], abort, deadline)
+        if err is not None:
+            raise RendezvousError(f"ring rendezvous: {err}")
+        announced = store.get(key).decode()  # type: ignore[attr-defined]
         address, _, their_nonce = announced.partition("/")
         right_host, right_port = _split_host_port(address)
         right = socket.create_connection(

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from lococomm import ops
-from lococomm.collectives.abort import AbortSignal
+from lococomm.collectives.abort import AbortSignal, wait_store_keys
 from lococomm.collectives.communicator import Communicator
 from lococomm.collectives.exact import exclusively_owned
 from lococomm.ft.state import ReplicatedState, TensorSpec
@@ -138,24 +138,10 @@ def _byte_view(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def wait_key(store: Any, key: str | list[str], abort: AbortSignal, deadline: float) -> None:
-    """Poll the store for `key` without blocking past an abort (a check is one ~0.1 ms round
-    trip: fine-grained at first, since the key is usually only a moment away, then backing
-    off to 5 ms). Not `store.wait` with a timeout: a timed-out wait may leave the shared
-    client connection out of step."""
-    keys = [key] if isinstance(key, str) else list(key)
-    delay = 0.0002
-    while True:
-        try:
-            if store.check(keys):  # True once every key exists
-                return
-        except Exception as e:  # the store (coordinator) went away
-            raise HealError(f"store unavailable while waiting for {keys!r}: {e}") from e
-        if abort.aborted:
-            raise HealError(f"aborted: {abort.reason}")
-        if time.monotonic() > deadline:
-            raise HealError(f"timed out waiting for {keys!r}")
-        time.sleep(delay)
-        delay = min(delay * 1.5, 0.005)
+    """`abort.wait_store_keys`, raising HealError when it gives up."""
+    err = wait_store_keys(store, [key] if isinstance(key, str) else list(key), abort, deadline)
+    if err is not None:
+        raise HealError(err)
 
 
 def chunk_digest(data: torch.Tensor) -> str:

@@ -532,8 +532,9 @@ def rng_u32(seed: int, offset: int, n: int, *, impl: str | None = None) -> torch
     return _build.get("cpu").rng(keys[0], keys[1], offset, n)
 
 
-def _checksum_module(op: str, impl: str | None, usable: bool = True) -> Any:
-    """The C++ module for a checksum (or ring) op, or None for the torch reference.
+def _module_without_build(op: str, impl: str | None, usable: bool = True) -> Any:
+    """The C++ module for an op that runs inside a step (checksums, the ring), or None for the
+    torch reference.
 
     impl=None never compiles anything (healing runs inside a step, where a first build would
     stall the group): the C++ kernel if the extension is loaded or built and the inputs suit
@@ -553,12 +554,12 @@ def _checksum_module(op: str, impl: str | None, usable: bool = True) -> Any:
 def checksum(data: torch.Tensor, *, impl: str | None = None) -> int:
     """64-bit multilinear checksum of a byte buffer (healing's per-chunk transfer check),
     in [0, 2^64); the C++ kernel and the torch reference give the same value. impl=None
-    never compiles anything (see _checksum_module)."""
+    never compiles anything (see _module_without_build)."""
     if data.dtype != torch.uint8:
         raise TypeError(f"checksum expects a uint8 tensor, got {data.dtype}")
     if data.device.type != "cpu":
         data = data.cpu()
-    mod = _checksum_module("checksum", impl)
+    mod = _module_without_build("checksum", impl)
     if mod is None:
         return ref.checksum(data)
     return mod.checksum(data.reshape(-1).contiguous()) & ((1 << 64) - 1)
@@ -574,7 +575,7 @@ def checksum_copy(dst: torch.Tensor, src: torch.Tensor, *, impl: str | None = No
     if dst.numel() != src.numel():
         raise ValueError(f"checksum_copy: dst has {dst.numel()} bytes, src {src.numel()}")
     usable = src.device.type == "cpu" and dst.device.type == "cpu" and dst.is_contiguous()
-    mod = _checksum_module("checksum_copy", impl, usable)
+    mod = _module_without_build("checksum_copy", impl, usable)
     if mod is None:
         return ref.checksum_copy(dst, src)
     return mod.checksum_copy(dst, src.reshape(-1).contiguous()) & ((1 << 64) - 1)
@@ -621,7 +622,7 @@ def ring_allreduce(
         raise ValueError("ring_allreduce: headers must be int64")
     if header.dim() != 1 or not header.numel() or left_header.shape != header.shape:
         raise ValueError("ring_allreduce: headers must be non-empty vectors of one length")
-    mod = _checksum_module("ring_allreduce", impl)
+    mod = _module_without_build("ring_allreduce", impl)
     if mod is None:
         return ref.ring_allreduce(
             left_fd, right_fd, abort_fd, x, result, recvs, sends, RING_OPS[op], world, timeout,

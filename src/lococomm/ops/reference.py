@@ -582,35 +582,25 @@ def _raw_bytes(t: torch.Tensor) -> memoryview:
     return memoryview((ctypes.c_char * nbytes).from_address(t.data_ptr())).cast("B")
 
 
-def ring_allreduce(
-    left_fd: int,
-    right_fd: int,
-    abort_fd: int,
-    x: torch.Tensor,
-    result: torch.Tensor,
-    recvs: torch.Tensor,
-    sends: torch.Tensor,
-    op: int,
-    world: int,
-    timeout: float,
-    header: torch.Tensor,
-    left_header: torch.Tensor,
-) -> str:
-    """Reference of the ring executor: the same schedule, streams and combines as
-    csrc/ring.cpp with os.readv / send(MSG_NOSIGNAL) on the non-blocking sockets and poll(2) between
-    them. Each stream opens with the sender's signature `header`; the left neighbour's lands
-    in `left_header` and must equal ours ("signature mismatch" otherwise) before any data is
-    read. Returns "" on success, else why it stopped. Members running the kernel and members
-    running this reference can share one ring (the bytes on the wire are the same)."""
-    # Sends go through a socket object for MSG_NOSIGNAL: a closed neighbour must be an error,
-    # not SIGPIPE (whatever disposition the application gave that signal).
-    right = socket.socket(fileno=os.dup(right_fd))
+class _RingStop(Exception):
+    """Ends a reference ring call with `reason` (the executor's return value)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _recv_some(fd: int, view: memoryview) -> int:
+    """Bytes read into `view` (0: nothing there yet); _RingStop on EOF or an error."""
     try:
-        return _ring_run(
-            left_fd, right, abort_fd, x, result, recvs, sends, op, world, timeout, header, left_header
-        )
-    finally:
-        right.close()
+        got = os.readv(fd, [view])
+    except BlockingIOError:
+        return 0
+    except OSError as e:
+        raise _RingStop(f"receive from left neighbour failed: {e.strerror}") from e
+    if got == 0:
+        raise _RingStop("peer closed the connection (left neighbour)")
+    return got
 
 
 def _send_failed(
@@ -631,9 +621,9 @@ def _send_failed(
     return f"send to right neighbour failed: {e.strerror}"
 
 
-def _ring_run(
+def ring_allreduce(
     left_fd: int,
-    right: socket.socket,
+    right_fd: int,
     abort_fd: int,
     x: torch.Tensor,
     result: torch.Tensor,
@@ -645,7 +635,13 @@ def _ring_run(
     header: torch.Tensor,
     left_header: torch.Tensor,
 ) -> str:
-    right_fd = right.fileno()
+    """Reference of the ring executor: the same schedule, streams and combines as
+    csrc/ring.cpp with os.readv / send(MSG_NOSIGNAL) on the non-blocking sockets and poll(2)
+    between them. Each stream opens with the sender's signature `header`; the left
+    neighbour's lands in `left_header` and must equal ours ("signature mismatch" otherwise)
+    before any data is read. Returns "" on success, else why it stopped. Members running the
+    kernel and members running this reference can share one ring (the bytes on the wire are
+    the same)."""
     size = x.element_size()
     x_bytes, r_bytes = _raw_bytes(x), _raw_bytes(result)
     mine, theirs = _raw_bytes(header), _raw_bytes(left_header)
@@ -654,86 +650,81 @@ def _ring_run(
     rows_in, rows_out = recvs.tolist(), sends.tolist()
     recv_i = recv_off = send_i = send_off = 0
     deadline = time.monotonic() + timeout
+    # Sends go through a socket object for MSG_NOSIGNAL: a closed neighbour must be an error,
+    # not SIGPIPE (whatever disposition the application gave that signal).
+    right = socket.socket(fileno=os.dup(right_fd))
 
     def send_ready() -> bool:
         return send_i < len(rows_out) and rows_out[send_i][3] < recv_i
 
-    while recv_i < len(rows_in) or send_i < len(rows_out) or not checked or header_out < len(mine):
-        progressed = False
-        # our signature first (also before giving up on a mismatch: the right neighbour names it)
-        while header_out < len(mine):
-            try:
-                header_out += right.send(mine[header_out:], socket.MSG_NOSIGNAL)
+    def send_some(view: memoryview) -> int:
+        """Bytes sent from `view` (0: the socket is full); _RingStop on an error."""
+        try:
+            return right.send(view, socket.MSG_NOSIGNAL)
+        except BlockingIOError:
+            return 0
+        except OSError as e:
+            raise _RingStop(_send_failed(left_fd, mine, theirs, header_in, checked, e)) from e
+
+    try:
+        while recv_i < len(rows_in) or send_i < len(rows_out) or not checked or header_out < len(mine):
+            progressed = False
+            # our signature first (also before giving up on a mismatch: the right neighbour
+            # names it)
+            while header_out < len(mine) and (put := send_some(mine[header_out:])):
+                header_out += put
                 progressed = True
-            except BlockingIOError:
-                break
-            except OSError as e:
-                return _send_failed(left_fd, mine, theirs, header_in, checked, e)
-        while header_in < len(theirs):
-            try:
-                got = os.readv(left_fd, [theirs[header_in:]])
-            except BlockingIOError:
-                break
-            except OSError as e:
-                return f"receive from left neighbour failed: {e.strerror}"
-            if got == 0:
-                return "peer closed the connection (left neighbour)"
-            header_in += got
-            progressed = True
-        if header_in == len(theirs) and not checked:
-            if bytes(mine) != bytes(theirs):
-                if header_out == len(mine):
-                    return "signature mismatch"
-            else:
-                checked = True
-        while checked and recv_i < len(rows_in):
-            a, b, action = rows_in[recv_i]
-            total = (b - a) * size
-            try:
-                got = os.readv(left_fd, [r_bytes[a * size + recv_off : b * size]])
-            except BlockingIOError:
-                break
-            except OSError as e:
-                return f"receive from left neighbour failed: {e.strerror}"
-            if got == 0:
-                return "peer closed the connection (left neighbour)"
-            recv_off += got
-            progressed = True
-            if recv_off == total:
-                if action != RING_FORWARD:
-                    acc = result[a:b]
-                    ring_combine(acc, x[a:b], op)
-                    if action == RING_COMBINE_DIVIDE:
-                        acc.div_(world)
-                recv_i, recv_off = recv_i + 1, 0
-                if send_ready():
+            while header_in < len(theirs) and (got := _recv_some(left_fd, theirs[header_in:])):
+                header_in += got
+                progressed = True
+            if header_in == len(theirs) and not checked:
+                if bytes(mine) != bytes(theirs):
+                    if header_out == len(mine):
+                        return "signature mismatch"
+                else:
+                    checked = True
+            while checked and recv_i < len(rows_in):
+                a, b, action = rows_in[recv_i]
+                got = _recv_some(left_fd, r_bytes[a * size + recv_off : b * size])
+                if not got:
                     break
-        while header_out == len(mine) and send_ready():
-            a, b, source, _ = rows_out[send_i]
-            total = (b - a) * size
-            data = x_bytes if source == RING_FROM_X else r_bytes
-            try:
-                put = right.send(data[a * size + send_off : b * size], socket.MSG_NOSIGNAL)
-            except BlockingIOError:
-                break
-            except OSError as e:
-                return _send_failed(left_fd, mine, theirs, header_in, checked, e)
-            send_off += put
-            progressed = True
-            if send_off == total:
-                send_i, send_off = send_i + 1, 0
-        if progressed:
-            continue
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return "timed out waiting for peers"
-        poller = select.poll()
-        poller.register(abort_fd, select.POLLIN)
-        if header_in < len(theirs) or (checked and recv_i < len(rows_in)):
-            poller.register(left_fd, select.POLLIN)
-        if header_out < len(mine) or send_ready():
-            poller.register(right_fd, select.POLLOUT)
-        for fd, _ in poller.poll(min(remaining, 0.1) * 1e3):
-            if fd == abort_fd:
-                return "aborted"
-    return ""
+                recv_off += got
+                progressed = True
+                if recv_off == (b - a) * size:
+                    if action != RING_FORWARD:
+                        acc = result[a:b]
+                        ring_combine(acc, x[a:b], op)
+                        if action == RING_COMBINE_DIVIDE:
+                            acc.div_(world)
+                    recv_i, recv_off = recv_i + 1, 0
+                    if send_ready():
+                        break
+            while header_out == len(mine) and send_ready():
+                a, b, source, _ = rows_out[send_i]
+                data = x_bytes if source == RING_FROM_X else r_bytes
+                put = send_some(data[a * size + send_off : b * size])
+                if not put:
+                    break
+                send_off += put
+                progressed = True
+                if send_off == (b - a) * size:
+                    send_i, send_off = send_i + 1, 0
+            if progressed:
+                continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return "timed out waiting for peers"
+            poller = select.poll()
+            poller.register(abort_fd, select.POLLIN)
+            if header_in < len(theirs) or (checked and recv_i < len(rows_in)):
+                poller.register(left_fd, select.POLLIN)
+            if header_out < len(mine) or send_ready():
+                poller.register(right.fileno(), select.POLLOUT)
+            for fd, _ in poller.poll(min(remaining, 0.1) * 1e3):
+                if fd == abort_fd:
+                    return "aborted"
+        return ""
+    except _RingStop as stop:
+        return stop.reason
+    finally:
+        right.close()
