@@ -143,13 +143,15 @@ def wait_store_keys(store: Any, keys: list[str], abort: AbortSignal, deadline: f
     timed-out wait may leave the client connection out of step."""
     delay = 0.0002
     while True:
+        # The abort first: an epoch given up (or an interpreter exiting, whose store may be
+        # going away under this thread) must not touch the store again.
+        if abort.aborted:
+            return f"aborted: {abort.reason}"
         try:
             if store.check(keys):  # True once every key exists
                 return None
         except Exception as e:  # the store (coordinator) went away
             return f"store unavailable while waiting for {keys!r}: {e}"
-        if abort.aborted:
-            return f"aborted: {abort.reason}"
         if time.monotonic() > deadline:
             return f"timed out waiting for {keys!r}"
         time.sleep(delay)

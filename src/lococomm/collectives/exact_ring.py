@@ -50,7 +50,7 @@ import torch
 
 from lococomm import ops
 from lococomm.collectives import ring_sockets, signature
-from lococomm.collectives.abort import AbortSignal, build_with_abort
+from lococomm.collectives.abort import AbortSignal
 from lococomm.collectives.communicator import Communicator, Handle
 from lococomm.collectives.ownership import swappable
 from lococomm.collectives.ring_plan import RingPlan, plan_ring, ring_bytes
@@ -89,9 +89,12 @@ def _sockets(comm: Communicator) -> tuple[ring_sockets.RingSockets | None, str |
     if ring_sockets.broken(comm):
         return None, "the ring failed earlier in this epoch"
     assert comm.connect_ring is not None
-    sockets, err = build_with_abort(comm.connect_ring, comm.abort, comm.timeout, what="ring sockets")
-    if sockets is None:
-        return None, err
+    # On this thread, not a helper: the rendezvous watches the abort itself, and a helper
+    # still polling the store when the interpreter exits would outlive the exit hook's join.
+    try:
+        sockets = comm.connect_ring()
+    except Exception as e:  # RendezvousError, or the store went away
+        return None, f"ring sockets rendezvous failed: {e}"
     ring_sockets.remember(comm, sockets)
     return sockets, None
 

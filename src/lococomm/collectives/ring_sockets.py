@@ -96,13 +96,28 @@ def _read_exact(sock: socket.socket, size: int, abort: AbortSignal, deadline: fl
     return data
 
 
+def _connect(address: tuple[str, int], abort: AbortSignal, deadline: float) -> socket.socket:
+    """A TCP connection to `address`, attempted in slices so an abort is seen while an
+    unreachable host swallows the SYNs."""
+    while True:
+        if abort.aborted:
+            raise RendezvousError(f"connecting the ring: aborted: {abort.reason}")
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise RendezvousError(f"connecting the ring to {address}: timed out")
+        try:
+            return socket.create_connection(address, timeout=min(remaining, 4 * _SLICE_SECONDS))
+        except TimeoutError:
+            continue
+
+
 def connect_ring(
     store: object, rank: int, world: int, host: str, abort: AbortSignal, timeout: float
 ) -> RingSockets:
     """Connect this member to its ring neighbours under `store` (a PrefixStore of the epoch).
 
-    Blocking (run it with `build_with_abort`); raises RendezvousError on abort, timeout or a
-    broken connection. `host` is the address to listen on and announce (the one the epoch's
+    Blocking, but every wait in it watches `abort` (slices of 50 ms at most); raises
+    RendezvousError on abort, timeout or a broken connection. `host` is the address to listen on and announce (the one the epoch's
     gloo groups use)."""
     if world < 2:
         raise ValueError(f"a ring needs at least 2 members, got {world}")
@@ -124,9 +139,7 @@ def connect_ring(
         announced = store.get(key).decode()  # type: ignore[attr-defined]
         address, _, their_nonce = announced.partition("/")
         right_host, right_port = _split_host_port(address)
-        right = socket.create_connection(
-            (right_host, right_port), timeout=max(0.1, deadline - time.monotonic())
-        )
+        right = _connect((right_host, right_port), abort, deadline)
         right.sendall(_HELLO.pack(_MAGIC, rank, bytes.fromhex(their_nonce)))
         while True:
             _wait_readable(listener, abort, deadline, f"accepting ring link from rank {left_rank}")
