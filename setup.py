@@ -19,7 +19,7 @@ from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
-CPU_SOURCES = ["bindings.cpp", "quantize.cpp", "topk.cpp", "outer.cpp", "ring.cpp"]
+CPU_SOURCES = ["bindings.cpp", "quantize.cpp", "topk.cpp", "outer.cpp", "ring.cpp", "heal_stream.cpp"]
 
 
 class BuildPyWithKernelSources(build_py):

@@ -391,10 +391,17 @@ std::string ring_allreduce(int64_t left_fd, int64_t right_fd, int64_t abort_fd,
                            double timeout_seconds, const at::Tensor& header,
                            at::Tensor& left_header);
 
+// heal_stream.cpp
+std::string heal_stream(const std::vector<int64_t>& fds,
+                        const std::vector<std::vector<at::Tensor>>& pieces,
+                        const std::vector<std::vector<int64_t>>& chunk_ends,
+                        const std::vector<at::Tensor>& headers, bool sending, int64_t abort_fd,
+                        double timeout_seconds);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "lococomm fused CPU kernels (see src/lococomm/ops for the torch references)";
   // Bumped whenever a binding's signature or semantics change; Python refuses a mismatch.
-  m.attr("ABI_VERSION") = 7;
+  m.attr("ABI_VERSION") = 8;
   m.def("quantize", &quantize, "block-absmax quantise (+ EF state update)");
   m.def("dequantize", &dequantize, "block dequantise (optionally += into out)");
   m.def("cast_encode", &cast_encode, "p = x (+ state) cast to the wire dtype (+ error)");
@@ -409,5 +416,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("checksum", &checksum_bytes, "multilinear 64-bit transfer checksum of a byte buffer");
   m.def("checksum_copy", &checksum_copy_bytes, "checksum of src while copying it into dst");
   m.def("ring_allreduce", &ring_allreduce, "exact ring all-reduce schedule over two TCP sockets");
+  m.def("heal_stream", &heal_stream, "healing's chunked, checksummed state transfer over TCP");
   m.def("rng", &rng, "counter-based RNG words (tests)");
 }

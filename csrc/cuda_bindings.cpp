@@ -104,7 +104,7 @@ void dequantize(const at::Tensor& codes, const at::Tensor& scales, at::Tensor& o
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "lococomm fused CUDA kernels (see src/lococomm/ops for the torch references)";
-  m.attr("ABI_VERSION") = 7;
+  m.attr("ABI_VERSION") = 8;
   m.def("quantize", &quantize, "block-absmax quantise (+ EF state update), CUDA");
   m.def("dequantize", &dequantize, "block dequantise (optionally += into out), CUDA");
 }

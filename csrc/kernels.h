@@ -140,5 +140,20 @@ constexpr uint64_t kChecksumLength = 0xC2B2AE3D27D4EB4FULL;
 uint64_t checksum(const uint8_t* data, int64_t nbytes);
 // checksum(src) while copying src to dst (non-overlapping), in one pass over src.
 uint64_t checksum_copy(uint8_t* dst, const uint8_t* src, int64_t nbytes);
+// checksum() of a buffer that arrives in pieces of any length (a heal stream's chunk, hashed
+// as it is sent or received): update() with each piece in order, value() at the end equals
+// checksum() of the concatenation.
+class ChecksumStream {
+ public:
+  void update(const uint8_t* data, int64_t nbytes);
+  uint64_t value() const;
+
+ private:
+  uint64_t acc_ = 0;
+  int64_t words_ = 0;  // whole words hashed so far
+  int64_t bytes_ = 0;
+  uint8_t carry_[8] = {};  // a word begun but not complete
+  int carry_n_ = 0;
+};
 
 }  // namespace lococomm

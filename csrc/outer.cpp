@@ -114,37 +114,47 @@ namespace lococomm {
 
 namespace {
 
-// One pass over `data`; with kCopy every word is also stored to `dst` (healing copies a staged
-// chunk into place while hashing it: the bytes are read once instead of twice).
+inline uint64_t checksum_key(int64_t word) {  // key of the word at 0-based index `word`
+  return ((static_cast<uint64_t>(word + 1) * kChecksumMul) ^ kChecksumXor) | 1ULL;
+}
+
+// One pass over `nwords` whole words of `data`, the first at word index `first_word` of the
+// hashed buffer: sum_i w_i * key_{first_word + i}. With kCopy every word is also stored to `dst`
+// (healing copies a staged chunk into place while hashing it: the bytes are read once).
 template <bool kCopy>
-uint64_t checksum_pass(const uint8_t* data, uint8_t* dst, int64_t nbytes) {
-  const int64_t words = nbytes / 8;
+uint64_t words_pass(const uint8_t* data, uint8_t* dst, int64_t nwords, int64_t first_word) {
   // Four independent accumulators: the multiplies pipeline (and vectorise) instead of waiting
   // on one sum; unsigned arithmetic wraps mod 2^64 by definition.
   uint64_t acc[4] = {0, 0, 0, 0};
   int64_t i = 0;
-  for (; i + 4 <= words; i += 4) {
+  for (; i + 4 <= nwords; i += 4) {
     for (int l = 0; l < 4; ++l) {
       uint64_t w;
       std::memcpy(&w, data + 8 * (i + l), 8);  // unaligned-safe load
       if constexpr (kCopy) std::memcpy(dst + 8 * (i + l), &w, 8);
-      const uint64_t key = ((static_cast<uint64_t>(i + l + 1) * kChecksumMul) ^ kChecksumXor) | 1ULL;
-      acc[l] += w * key;
+      acc[l] += w * checksum_key(first_word + i + l);
     }
   }
   uint64_t h = acc[0] + acc[1] + acc[2] + acc[3];
-  for (; i < words; ++i) {
+  for (; i < nwords; ++i) {
     uint64_t w;
     std::memcpy(&w, data + 8 * i, 8);
     if constexpr (kCopy) std::memcpy(dst + 8 * i, &w, 8);
-    h += w * (((static_cast<uint64_t>(i + 1) * kChecksumMul) ^ kChecksumXor) | 1ULL);
+    h += w * checksum_key(first_word + i);
   }
+  return h;
+}
+
+template <bool kCopy>
+uint64_t checksum_pass(const uint8_t* data, uint8_t* dst, int64_t nbytes) {
+  const int64_t words = nbytes / 8;
+  uint64_t h = words_pass<kCopy>(data, dst, words, 0);
   const int64_t tail = nbytes - 8 * words;
   if (tail > 0) {
     uint64_t w = 0;
     std::memcpy(&w, data + 8 * words, static_cast<size_t>(tail));  // little-endian, zero-padded
     if constexpr (kCopy) std::memcpy(dst + 8 * words, data + 8 * words, static_cast<size_t>(tail));
-    h += w * (((static_cast<uint64_t>(words + 1) * kChecksumMul) ^ kChecksumXor) | 1ULL);
+    h += w * checksum_key(words);
   }
   return h + static_cast<uint64_t>(nbytes) * kChecksumLength;
 }
@@ -157,6 +167,40 @@ uint64_t checksum(const uint8_t* data, int64_t nbytes) {
 
 uint64_t checksum_copy(uint8_t* dst, const uint8_t* src, int64_t nbytes) {
   return checksum_pass<true>(src, dst, nbytes);
+}
+
+void ChecksumStream::update(const uint8_t* data, int64_t n) {
+  bytes_ += n;
+  if (carry_n_ > 0) {  // complete the word a previous piece left half-done
+    const int64_t take = std::min<int64_t>(8 - carry_n_, n);
+    std::memcpy(carry_ + carry_n_, data, static_cast<size_t>(take));
+    carry_n_ += static_cast<int>(take);
+    data += take;
+    n -= take;
+    if (carry_n_ < 8) return;
+    uint64_t w;
+    std::memcpy(&w, carry_, 8);
+    acc_ += w * checksum_key(words_++);
+    carry_n_ = 0;
+  }
+  const int64_t whole = n / 8;
+  acc_ += words_pass<false>(data, nullptr, whole, words_);
+  words_ += whole;
+  const int64_t rest = n - 8 * whole;
+  if (rest > 0) {
+    std::memcpy(carry_, data + 8 * whole, static_cast<size_t>(rest));
+    carry_n_ = static_cast<int>(rest);
+  }
+}
+
+uint64_t ChecksumStream::value() const {
+  uint64_t h = acc_;
+  if (carry_n_ > 0) {
+    uint64_t w = 0;
+    std::memcpy(&w, carry_, static_cast<size_t>(carry_n_));  // zero-padded like checksum()
+    h += w * checksum_key(words_);
+  }
+  return h + static_cast<uint64_t>(bytes_) * kChecksumLength;
 }
 
 }  // namespace lococomm

@@ -17,6 +17,7 @@ nesterov_outer_            DiLoCo SGD-Nesterov step fused with the pseudo-gradie
 pseudo_gradient            snapshot - local                                            no
 rng_u32                    the counter-based RNG (seed, index) -> uint32               --
 ring_allreduce             exact ring all-reduce schedule over two TCP sockets         no
+heal_stream                healing's chunked, checksummed state streams over TCP       no
 =========================  ==========================================================  =====
 
 ``backend(device)`` says which implementation runs: "cuda" (CUDA tensors, CUDA available and
@@ -38,6 +39,7 @@ from .kernels import (
     chunked_sparse_sum,
     dequantize,
     dequantize_accumulate_,
+    heal_stream,
     lowrank_product,
     nesterov_outer_,
     pseudo_gradient,
@@ -61,6 +63,7 @@ __all__ = [
     "chunked_sparse_sum",
     "dequantize",
     "dequantize_accumulate_",
+    "heal_stream",
     "k_of",
     "lowrank_product",
     "nesterov_outer_",

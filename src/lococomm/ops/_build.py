@@ -38,8 +38,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-ABI_VERSION = 7
-CPU_SOURCES = ("bindings.cpp", "quantize.cpp", "topk.cpp", "outer.cpp", "ring.cpp")
+ABI_VERSION = 8
+CPU_SOURCES = ("bindings.cpp", "quantize.cpp", "topk.cpp", "outer.cpp", "ring.cpp", "heal_stream.cpp")
 CUDA_SOURCES = ("cuda_bindings.cpp", "cuda/quantize.cu")
 HEADERS = ("common.h", "kernels.h")
 CUDA_HEADERS = ("cuda/kernels_cuda.h",)

@@ -632,3 +632,44 @@ def ring_allreduce(
         left_fd, right_fd, abort_fd, x, result, recvs, sends, RING_OPS[op], world, timeout,
         header, left_header,
     )
+
+
+def heal_stream(
+    fds: list[int],
+    pieces: list[list[torch.Tensor]],
+    chunk_ends: list[list[int]],
+    headers: list[torch.Tensor],
+    sending: bool,
+    abort_fd: int,
+    timeout: float,
+    *,
+    impl: str | None = None,
+) -> str:
+    """Send (`sending`) or receive healing's state streams over connected non-blocking TCP
+    sockets, all streams at once. Stream i carries `headers[i]` (a receiver compares it with
+    the one it expects before reading data), then its chunks: chunk c is the bytes of
+    pieces[i][chunk_ends[i][c - 1] : chunk_ends[i][c]] (contiguous uint8 CPU tensors, written
+    in place on a receiver) followed by their 8-byte checksum (`checksum`), checked on arrival.
+    Returns "" on success, else why it stopped, prefixed "stream i: " where one stream failed
+    ("... arrived corrupted (checksum mismatch)", "peer closed the connection", "stream header
+    mismatch ...") or "aborted" (`abort_fd` became readable) / "timed out" after `timeout`
+    seconds; the sockets are then out of step.
+
+    impl=None never compiles anything (it runs inside a step): the C++ executor if the
+    extension is loaded or built, else the reference."""
+    if not len(fds) == len(pieces) == len(chunk_ends) == len(headers):
+        raise ValueError("heal_stream: fds, pieces, chunk_ends and headers need one entry per stream")
+    for i, stream in enumerate(pieces):
+        for t in stream:
+            if t.dtype != torch.uint8 or t.device.type != "cpu" or not t.is_contiguous():
+                raise ValueError(f"heal_stream: the pieces of stream {i} must be contiguous uint8 CPU tensors")
+        ends = chunk_ends[i]
+        if any(b < a for a, b in zip([0] + ends, ends)) or (ends[-1] if ends else 0) != len(stream):
+            raise ValueError(f"heal_stream: chunk_ends of stream {i} must be non-decreasing and end at {len(stream)}")
+    for i, h in enumerate(headers):
+        if h.dtype != torch.uint8 or h.device.type != "cpu" or not h.is_contiguous() or not h.numel():
+            raise ValueError(f"heal_stream: header {i} must be a non-empty contiguous uint8 CPU tensor")
+    mod = _module_without_build("heal_stream", impl)
+    if mod is None:
+        return ref.heal_stream(fds, pieces, chunk_ends, headers, sending, abort_fd, timeout)
+    return mod.heal_stream(fds, pieces, chunk_ends, headers, sending, abort_fd, timeout)

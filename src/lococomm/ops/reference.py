@@ -590,16 +590,17 @@ class _RingStop(Exception):
         self.reason = reason
 
 
-def _recv_some(fd: int, view: memoryview) -> int:
-    """Bytes read into `view` (0: nothing there yet); _RingStop on EOF or an error."""
+def _recv_some(fd: int, view: memoryview, peer: str = "left neighbour") -> int:
+    """Bytes read into `view` (0: nothing there yet); _RingStop on EOF or an error (texts as
+    the kernels': the ring names its left neighbour, a heal stream no one)."""
     try:
         got = os.readv(fd, [view])
     except BlockingIOError:
         return 0
     except OSError as e:
-        raise _RingStop(f"receive from left neighbour failed: {e.strerror}") from e
+        raise _RingStop(f"receive{f' from {peer}' if peer else ''} failed: {e.strerror}") from e
     if got == 0:
-        raise _RingStop("peer closed the connection (left neighbour)")
+        raise _RingStop(f"peer closed the connection{f' ({peer})' if peer else ''}")
     return got
 
 
@@ -728,3 +729,173 @@ def ring_allreduce(
         return stop.reason
     finally:
         right.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Healing's state transfer over TCP streams (csrc/heal_stream.cpp)
+# ---------------------------------------------------------------------------------------------
+class _HealStream:
+    """One stream's position: header, then per chunk its pieces' bytes and an 8-byte
+    little-endian checksum of them."""
+
+    def __init__(self, fd: int, pieces: list[torch.Tensor], ends: list[int], header: torch.Tensor) -> None:
+        self.fd = fd
+        self.pieces = pieces
+        self.views = [_raw_bytes(p) for p in pieces]
+        self.ends = ends
+        self.header = _raw_bytes(header)
+        self.header_in = bytearray(len(self.header))
+        self.header_done = 0
+        self.chunk = self.piece = self.offset = 0
+        self.trailer = bytearray(8)
+        self.trailer_done = 0
+        self.in_trailer = False
+
+    def done(self) -> bool:
+        return self.header_done == len(self.header) and self.chunk == len(self.ends)
+
+    def chunk_checksum(self) -> int:
+        first = self.ends[self.chunk - 1] if self.chunk else 0
+        pieces = self.pieces[first : self.ends[self.chunk]]
+        return checksum(torch.cat(pieces)) if pieces else checksum(torch.empty(0, dtype=torch.uint8))
+
+    def data_views(self) -> list[memoryview]:
+        """The current chunk's remaining bytes, piece by piece."""
+        views = []
+        for p in range(self.piece, self.ends[self.chunk]):
+            view = self.views[p][self.offset if p == self.piece else 0 :]
+            if len(view):
+                views.append(view)
+        return views
+
+    def advance(self, moved: int) -> None:
+        while moved:
+            take = min(moved, len(self.views[self.piece]) - self.offset)
+            self.offset += take
+            moved -= take
+            if self.offset == len(self.views[self.piece]):
+                self.piece, self.offset = self.piece + 1, 0
+        while self.piece < self.ends[self.chunk] and not len(self.views[self.piece]):
+            self.piece += 1
+
+    def next_chunk(self) -> None:
+        self.chunk += 1
+        self.trailer_done = 0
+        self.in_trailer = False
+        while self.chunk < len(self.ends) and self.piece < self.ends[self.chunk] and not len(self.views[self.piece]):
+            self.piece += 1
+
+
+def _pump_send(s: _HealStream, sock: socket.socket) -> bool:
+    """Sends what the socket takes; True if anything moved. _RingStop on an error."""
+    moved = False
+    while not s.done():
+        if s.header_done < len(s.header):
+            views = [s.header[s.header_done :]]
+        elif s.in_trailer:
+            views = [memoryview(s.trailer)[s.trailer_done :]]
+        else:
+            views = s.data_views()
+            if not views:  # the chunk's data is out: its checksum follows
+                s.trailer[:] = s.chunk_checksum().to_bytes(8, "little")
+                s.in_trailer = True
+                continue
+        try:
+            put = sock.sendmsg(views, [], socket.MSG_NOSIGNAL)
+        except BlockingIOError:
+            return moved
+        except OSError as e:
+            raise _RingStop(f"send failed: {e.strerror}") from e
+        moved = True
+        if s.header_done < len(s.header):
+            s.header_done += put
+        elif s.in_trailer:
+            s.trailer_done += put
+            if s.trailer_done == 8:
+                s.next_chunk()
+        else:
+            s.advance(put)
+    return moved
+
+
+def _pump_recv(s: _HealStream) -> bool:
+    """Receives what has arrived; True if anything moved. _RingStop on an error, a header
+    mismatch or a chunk whose checksum differs."""
+    moved = False
+    while not s.done():
+        if s.header_done < len(s.header):
+            got = _recv_some(s.fd, memoryview(s.header_in)[s.header_done :], peer="")
+            if not got:
+                return moved
+            moved = True
+            s.header_done += got
+            if s.header_done == len(s.header) and bytes(s.header_in) != bytes(s.header):
+                raise _RingStop("stream header mismatch (the source's state layout or plan differs)")
+            continue
+        if not s.in_trailer:
+            views = s.data_views()
+            if views:
+                got = _recv_some(s.fd, views[0], peer="")
+                if not got:
+                    return moved
+                moved = True
+                s.advance(got)
+                continue
+            s.in_trailer = True
+        got = _recv_some(s.fd, memoryview(s.trailer)[s.trailer_done :], peer="")
+        if not got:
+            return moved
+        moved = True
+        s.trailer_done += got
+        if s.trailer_done == 8:
+            if int.from_bytes(s.trailer, "little") != s.chunk_checksum():
+                raise _RingStop(f"chunk {s.chunk} arrived corrupted (checksum mismatch)")
+            s.next_chunk()
+    return moved
+
+
+def heal_stream(
+    fds: list[int],
+    pieces: list[list[torch.Tensor]],
+    chunk_ends: list[list[int]],
+    headers: list[torch.Tensor],
+    sending: bool,
+    abort_fd: int,
+    timeout: float,
+) -> str:
+    """Reference of the heal stream executor (csrc/heal_stream.cpp): the same bytes on the
+    wire (header; per chunk its pieces and their 8-byte checksum), each chunk hashed whole once
+    it is complete rather than piece by piece as it moves. Returns "" or why it stopped, with
+    the same texts as the kernel."""
+    streams = [_HealStream(fd, p, e, h) for fd, p, e, h in zip(fds, pieces, chunk_ends, headers)]
+    # sends go through socket objects for MSG_NOSIGNAL (a closed peer is an error, not SIGPIPE)
+    socks = [socket.socket(fileno=os.dup(fd)) for fd in fds] if sending else []
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            progressed = False
+            for i, s in enumerate(streams):
+                if s.done():
+                    continue
+                try:
+                    progressed |= _pump_send(s, socks[i]) if sending else _pump_recv(s)
+                except _RingStop as stop:
+                    return f"stream {i}: {stop.reason}"
+            if all(s.done() for s in streams):
+                return ""
+            if progressed:
+                continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return "timed out"
+            poller = select.poll()
+            poller.register(abort_fd, select.POLLIN)
+            for s in streams:
+                if not s.done():
+                    poller.register(s.fd, select.POLLOUT if sending else select.POLLIN)
+            for fd, _ in poller.poll(min(remaining, 0.1) * 1e3):
+                if fd == abort_fd:
+                    return "aborted"
+    finally:
+        for sock in socks:
+            sock.close()
