@@ -16,6 +16,25 @@ import torch
 import lococomm as lc
 
 
+def _stall_heal_streams(chunks: int) -> None:
+    """Make this worker's heal sends stop after `chunks` chunks of each stream and hang (a
+    source that dies mid-transfer, at a known point, however fast the transfer would be)."""
+    import lococomm.ops
+
+    real = lococomm.ops.heal_stream
+
+    def stalled(fds, pieces, chunk_ends, headers, sending, abort_fd, timeout, **kw):
+        if not sending:
+            return real(fds, pieces, chunk_ends, headers, sending, abort_fd, timeout, **kw)
+        ends = [e[:chunks] for e in chunk_ends]
+        err = real(fds, [p[: e[-1] if e else 0] for p, e in zip(pieces, ends)], ends, headers, True, abort_fd, timeout, **kw)
+        logging.getLogger("heal_worker").warning("heal: stalled after %d chunk(s) (%s)", chunks, err or "sent")
+        time.sleep(3600)
+        return "stalled"
+
+    lococomm.ops.heal_stream = stalled
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--coordinator", default=os.environ.get("LOCOCOMM_COORDINATOR"))
@@ -32,6 +51,8 @@ def main() -> None:
                         "a member for --extra-steps committed steps (instead of --steps; every "
                         "member stops at the same step, whoever finishes its start-up last)")
     parser.add_argument("--extra-steps", type=int, default=3)
+    parser.add_argument("--stall-heal-after-chunks", type=int, default=-1, help="as a heal source "
+                        "(TCP streams), send this many chunks, then stall (to be killed mid-transfer)")
     args = parser.parse_args()
     if not args.coordinator or not args.replica:
         parser.error("--coordinator/--replica (or LOCOCOMM_COORDINATOR/LOCOCOMM_REPLICA_ID) needed")
@@ -40,6 +61,8 @@ def main() -> None:
         level=getattr(logging, os.environ.get("HEAL_WORKER_LOG", "INFO")), format=f"%(asctime)s {args.replica} %(name)s: %(message)s", stream=sys.stderr
     )
     torch.set_num_threads(1)
+    if args.stall_heal_after_chunks >= 0:
+        _stall_heal_streams(args.stall_heal_after_chunks)
     torch.manual_seed(int(args.replica.lstrip("w")) + 100)  # a different init on every worker
     model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Tanh(), torch.nn.Linear(64, 4))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)

@@ -8,8 +8,10 @@ import pytest
 import torch
 
 
-def _heal_worker(workers, coordinator, name, *args):
-    return workers.start(name, "heal_worker.py", "--coordinator", coordinator.address, "--replica", name, *args)
+def _heal_worker(workers, coordinator, name, *args, env=None):
+    return workers.start(
+        name, "heal_worker.py", "--coordinator", coordinator.address, "--replica", name, *args, env=env
+    )
 
 
 def _assert_states_equal(paths):
@@ -61,27 +63,40 @@ def test_joiner_state_bit_equal_after_heal(workers, coordinator_factory, tmp_pat
 
 
 @pytest.mark.timeout(180)
-def test_source_killed_during_transfer_joiner_heals_from_another(workers, coordinator_factory):
+@pytest.mark.parametrize("transport", ["streams", "groups"])
+def test_source_killed_during_transfer_joiner_heals_from_another(workers, coordinator_factory, transport):
     coordinator = coordinator_factory(heartbeat_timeout=2.0, initial_workers=3)
     # Everyone runs until w3 has been a member for 3 steps: the joiner's start-up (torch import,
     # 384 MB of state) may take longer than any fixed number of steps on a loaded machine.
     big = ("--extra-mb", "384", "--stop-after-member", "w3", "--step-sleep", "0.05")
+    env = {"LOCOCOMM_HEAL_STREAMS": "1" if transport == "streams" else "0"}
+    # Over TCP streams the 384 MB move in ~0.2 s: w1 stops after one chunk of its stream (a
+    # source dying mid-transfer at a known point); the gloo broadcasts are slow enough to be
+    # caught in flight.
+    stall = ("--stall-heal-after-chunks", "1") if transport == "streams" else ()
     for i in range(3):
-        _heal_worker(workers, coordinator, f"w{i}", *big)
+        _heal_worker(workers, coordinator, f"w{i}", *big, *(stall if i == 1 else ()), env=env)
     workers.wait_for(lambda: len(workers.records("w0", "step")) >= 3, 90, "training")
-    _heal_worker(workers, coordinator, "w3", *big)
-    workers.wait_for(lambda: "sending" in workers.stderr("w1"), 60, "w1 to start sending state")
+    _heal_worker(workers, coordinator, "w3", *big, env=env)
+    ready = "stalled after 1 chunk(s) (sent)" if transport == "streams" else "sending"
+    workers.wait_for(lambda: ready in workers.stderr("w1"), 60, "w1 to start sending state")
     workers.signal("w1", signal.SIGKILL)
     for name in ("w0", "w2", "w3"):
         assert workers.wait_exit(name, 150) == 0, workers.dump()
     joiner_log = workers.stderr("w3")
     assert "healing failed" in joiner_log, joiner_log[-2000:]
-    # the joiner's blob (a plain-dict value it holds exclusively) was being received in place:
-    # an abandoned transfer must have moved it to new memory before the retry (w1 logs
-    # "sending" once its group is built; a kill that still lands before the joiner posted a
-    # receive fails the heal at the group rendezvous, with nothing to re-point)
     failure = next(line for line in joiner_log.splitlines() if "healing failed" in line)
-    if "rendezvous" not in failure:
+    if transport == "streams" and "rendezvous" not in failure:
+        # w1's stream broke after its first chunk had landed in the joiner's live tensors (or
+        # the epoch's abort for w1's death reached the joiner, or another source, first)
+        assert "receiving the state failed: " in failure, failure
+        assert "peer closed the connection" in failure or "aborted" in failure, failure
+        assert "holds a partial transfer" in joiner_log, joiner_log[-2000:]
+    elif transport == "groups" and "rendezvous" not in failure:
+        # the joiner's blob (a plain-dict value it holds exclusively) was being received in
+        # place: an abandoned broadcast must have moved it to new memory before the retry (a
+        # kill that lands before the joiner posted a receive fails the heal at the group
+        # rendezvous, with nothing to re-point)
         assert "re-pointed 1 owned tensor(s)" in joiner_log, joiner_log[-2000:]
     assert "healed" in joiner_log
     finals = {workers.records(n, "done")[0]["digest"] for n in ("w0", "w2", "w3")}

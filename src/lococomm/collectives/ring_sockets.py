@@ -32,9 +32,9 @@ from lococomm.collectives.abort import AbortSignal, wait_store_keys
 log = logging.getLogger(__name__)
 
 _MAGIC = b"LCRING02"  # bump whenever the ring's schedule or stream format changes
-_HELLO = struct.Struct("!8sQ16s")  # magic, sender rank, receiver's nonce: 32 bytes
+HELLO = struct.Struct("!8sQ16s")  # magic, sender rank, receiver's nonce: 32 bytes
 _SLICE_SECONDS = 0.05  # longest an abort can go unnoticed during the rendezvous
-_HELLO_SECONDS = 2.0  # a connected peer's hello is 32 bytes: it comes at once or never
+HELLO_SECONDS = 2.0  # a connected peer's hello is 32 bytes: it comes at once or never
 
 
 class RendezvousError(RuntimeError):
@@ -49,30 +49,35 @@ class RingSockets:
     left: socket.socket
 
     def close(self) -> None:
-        for s in (self.right, self.left):
-            try:
-                # shutdown first: a forked child (a DataLoader worker) may hold a copy of the
-                # fd, and close() alone would then send no FIN to the neighbour
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            try:
-                s.close()
-            except OSError:
-                pass
+        close_quietly(self.right)
+        close_quietly(self.left)
 
 
-def _split_host_port(text: str) -> tuple[str, int]:
+def close_quietly(sock: socket.socket) -> None:
+    """Shut down and close a connection, ignoring errors. Shutdown first: a forked child (a
+    DataLoader worker) may hold a copy of the fd, and close() alone would then send no FIN."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    try:
+        sock.close()
+    except OSError:
+        pass
+
+
+def split_host_port(text: str) -> tuple[str, int]:
     host, _, port = text.rpartition(":")
     return host.strip("[]"), int(port)
 
 
-def _tune(sock: socket.socket) -> None:
+def tune(sock: socket.socket) -> None:
+    """No Nagle delay, non-blocking: how the native executors use their sockets."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setblocking(False)
 
 
-def _wait_readable(sock: socket.socket, abort: AbortSignal, deadline: float, what: str) -> None:
+def wait_readable(sock: socket.socket, abort: AbortSignal, deadline: float, what: str) -> None:
     while True:
         if abort.aborted:
             raise RendezvousError(f"{what}: aborted: {abort.reason}")
@@ -85,26 +90,31 @@ def _wait_readable(sock: socket.socket, abort: AbortSignal, deadline: float, wha
             return
 
 
-def _read_exact(sock: socket.socket, size: int, abort: AbortSignal, deadline: float) -> bytes:
+def read_exact(
+    sock: socket.socket, size: int, abort: AbortSignal, deadline: float, what: str = "ring hello"
+) -> bytes:
+    """Exactly `size` bytes from a blocking socket (a hello: bounded, with a deadline)."""
     data = b""
     while len(data) < size:
-        _wait_readable(sock, abort, deadline, "ring hello")
+        wait_readable(sock, abort, deadline, what)
         chunk = sock.recv(size - len(data))
         if not chunk:
-            raise RendezvousError("ring hello: connection closed")
+            raise RendezvousError(f"{what}: connection closed")
         data += chunk
     return data
 
 
-def _connect(address: tuple[str, int], abort: AbortSignal, deadline: float) -> socket.socket:
+def connect_with_abort(
+    address: tuple[str, int], abort: AbortSignal, deadline: float, what: str = "the ring"
+) -> socket.socket:
     """A TCP connection to `address`, attempted in slices so an abort is seen while an
     unreachable host swallows the SYNs."""
     while True:
         if abort.aborted:
-            raise RendezvousError(f"connecting the ring: aborted: {abort.reason}")
+            raise RendezvousError(f"connecting {what}: aborted: {abort.reason}")
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise RendezvousError(f"connecting the ring to {address}: timed out")
+            raise RendezvousError(f"connecting {what} to {address}: timed out")
         try:
             return socket.create_connection(address, timeout=min(remaining, 4 * _SLICE_SECONDS))
         except TimeoutError:
@@ -138,33 +148,37 @@ def connect_ring(
             raise RendezvousError(f"ring rendezvous: {err}")
         announced = store.get(key).decode()  # type: ignore[attr-defined]
         address, _, their_nonce = announced.partition("/")
-        right_host, right_port = _split_host_port(address)
-        right = _connect((right_host, right_port), abort, deadline)
-        right.sendall(_HELLO.pack(_MAGIC, rank, bytes.fromhex(their_nonce)))
+        right_host, right_port = split_host_port(address)
+        right = connect_with_abort((right_host, right_port), abort, deadline)
+        right.sendall(HELLO.pack(_MAGIC, rank, bytes.fromhex(their_nonce)))
         while True:
-            _wait_readable(listener, abort, deadline, f"accepting ring link from rank {left_rank}")
+            wait_readable(listener, abort, deadline, f"accepting ring link from rank {left_rank}")
             conn, peer = listener.accept()
             try:
                 conn.setblocking(True)
                 # a stray connection that sends nothing must not hold the accept loop
-                hello_deadline = min(deadline, time.monotonic() + _HELLO_SECONDS)
-                magic, sender, presented = _HELLO.unpack(
-                    _read_exact(conn, _HELLO.size, abort, hello_deadline)
+                hello_deadline = min(deadline, time.monotonic() + HELLO_SECONDS)
+                magic, sender, presented = HELLO.unpack(
+                    read_exact(conn, HELLO.size, abort, hello_deadline)
                 )
             except (OSError, RendezvousError, struct.error) as e:
                 log.warning("ring link: dropped a connection from %s: %s", peer, e)
                 conn.close()
                 continue
             if magic != _MAGIC or sender != left_rank or presented != nonce:
-                log.warning("ring link: refused a connection from %s (not this epoch's rank %d)", peer, left_rank)
+                log.warning(
+                    "ring link: refused a connection from %s (not this epoch's rank %d)",
+                    peer,
+                    left_rank,
+                )
                 conn.close()
                 continue
             break
         sockets = RingSockets(right=right, left=conn)
         right = None
         try:
-            _tune(sockets.right)
-            _tune(sockets.left)
+            tune(sockets.right)
+            tune(sockets.left)
         except OSError:
             sockets.close()
             raise

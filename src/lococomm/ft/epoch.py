@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from lococomm.collectives.abort import AbortSignal, build_with_abort
 from lococomm.collectives.ring_sockets import RingSockets, connect_ring
+from lococomm.ft.heal_links import connect_heal_links
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +210,25 @@ class EpochGroups:
                 dist.PrefixStore(prefix, store),
                 rank,
                 size,
+                ring_host(self.client.local_address),
+                abort,
+                self.timeout,
+            )
+        finally:
+            self._give_back(store, generation)
+
+    def heal_links(
+        self, prefix: str, rank: int, sources: list[int], receivers: list[int], abort: AbortSignal
+    ) -> dict[int, Any]:
+        """Connect this member's heal streams under `prefix` (blocking; on a borrowed client,
+        given back afterwards)."""
+        store, generation = self._borrow()
+        try:
+            return connect_heal_links(
+                dist.PrefixStore(prefix, store),
+                rank,
+                sources,
+                receivers,
                 ring_host(self.client.local_address),
                 abort,
                 self.timeout,

@@ -31,8 +31,11 @@ behind in the next epoch and heals from the remaining sources.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -45,12 +48,15 @@ from lococomm import ops
 from lococomm.collectives.abort import AbortSignal, wait_store_keys
 from lococomm.collectives.communicator import Communicator
 from lococomm.collectives.exact import exclusively_owned
+from lococomm.collectives.ring_sockets import close_quietly
 from lococomm.ft.state import ReplicatedState, TensorSpec
 
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 8 << 20
 WINDOW = 4  # chunks in flight per source (and per receiver in total, times 2)
+LINKS = "links"  # HealGroups' key for the stream transport's {peer rank: socket}
+STREAM_MAGIC = 0x4C43_4845_414C_0001  # first header word of a heal stream ("LCHEAL", version 1)
 # How a receiver lands each tensor (Healer._targets)
 FRESH, OWNED, SHARED = "fresh", "owned", "shared"
 
@@ -163,18 +169,46 @@ def chunk_digest_copy(staged: torch.Tensor, pieces: list[tuple[torch.Tensor, int
     return chunk_digest(staged)
 
 
+def streams_enabled(backend: str) -> bool:
+    """Whether heals of an epoch on `backend` stream over TCP (`ops.heal_stream`): on gloo
+    unless LOCOCOMM_HEAL_STREAMS=0 (which must then be set on every member). NCCL epochs
+    broadcast in per-source groups, device to device."""
+    return backend == "gloo" and os.environ.get("LOCOCOMM_HEAL_STREAMS", "1") != "0"
+
+
+def stream_header(meta: dict, stream: int, chunks: int, nbytes: int) -> torch.Tensor:
+    """The 40-byte header opening the heal stream of the `stream`-th source (magic, stream,
+    chunk count, byte count, a hash of the layout: specs, chunk size, sources). A receiver
+    reads no data from a stream whose header differs from the one it computes itself."""
+    layout = json.dumps([meta["specs"], meta["chunk_bytes"], meta["sources"]], sort_keys=True)
+    digest = hashlib.blake2b(layout.encode(), digest_size=8).digest()
+    words = [STREAM_MAGIC, stream, chunks, nbytes, int.from_bytes(digest, "little", signed=True)]
+    return torch.tensor(words, dtype=torch.int64).view(torch.uint8)
+
+
+def _name_stream(err: str, peers: list[int]) -> str:
+    """`ops.heal_stream`'s "stream i: why" with the stream named by its peer: "rank r: why"."""
+    head, sep, rest = err.partition(": ")
+    if sep and head.startswith("stream ") and head[7:].isdigit() and int(head[7:]) < len(peers):
+        return f"rank {peers[int(head[7:])]}: {rest}"
+    return err
+
+
 GroupFactory = Callable[[str, int, int], Any]  # (store suffix, rank, size) -> process group
 
 
 class HealGroups:
-    """The heal's process groups ({source} + receivers, one per source), built on a helper
-    thread from the moment the epoch's plan is known, concurrently with the epoch's own group.
+    """The heal's transport, connected on a helper thread from the moment the epoch's plan is
+    known, concurrently with the epoch's own group: TCP links for the state streams
+    (`make_links`, gloo epochs), or process groups ({source} + receivers, one per source) for
+    broadcasts (NCCL epochs, or LOCOCOMM_HEAL_STREAMS=0).
 
     Each rendezvous takes 1-4 ms on loopback; built after the epoch group they sat in series on
-    a joiner's critical path. A source joins its own group; a receiver joins one per source,
-    one after the other in source order (every member uses the same order, and each rendezvous
-    borrows a store client of its own: see EpochGroups); a bystander none. Groups finished
-    after `retire` (the epoch was given up) go straight to the graveyard's reaper."""
+    a joiner's critical path. With groups, a source joins its own group; a receiver joins one
+    per source, one after the other in source order (every member uses the same order, and each
+    rendezvous borrows a store client of its own: see EpochGroups); a bystander none. What is
+    connected after `retire` (the epoch was given up) is closed (links) or goes straight to the
+    graveyard's reaper (groups)."""
 
     def __init__(
         self,
@@ -183,11 +217,15 @@ class HealGroups:
         receivers: list[int],
         make_group: GroupFactory,
         abort: AbortSignal,
+        make_links: Callable[[], dict[int, Any]] | None = None,
     ) -> None:
         sources, receivers = sorted(sources), sorted(receivers)
         size = 1 + len(receivers)
+        self.streams = make_links is not None
         self.wanted: dict[str, tuple[int, int]] = {}
-        if rank in sources:
+        if self.streams and (rank in sources or rank in receivers):
+            self.wanted[LINKS] = (rank, 0)
+        elif rank in sources:
             self.wanted[f"heal/{rank}"] = (0, size)
         elif rank in receivers:
             mine = 1 + receivers.index(rank)
@@ -199,22 +237,25 @@ class HealGroups:
         self._graveyard: Any = None  # set by retire()
         if self.wanted:
             threading.Thread(
-                target=self._build_all, args=(make_group,), daemon=True, name="lococomm-heal-groups"
+                target=self._build_all, args=(make_group, make_links), daemon=True, name="lococomm-heal-groups"
             ).start()
 
-    def _build_all(self, make_group: GroupFactory) -> None:
+    def _build_all(self, make_group: GroupFactory, make_links: Callable[[], dict[int, Any]] | None) -> None:
         # One after the other, in source order (the same on every member, so no two members
         # can wait on each other's later group), rather than one thread per group.
         for suffix, (rank, size) in self.wanted.items():
             if self._graveyard is not None:  # given up: do not start further rendezvous
                 break
-            self._build(make_group, suffix, rank, size)
+            if make_links is not None:
+                self._build(suffix, make_links)
+            else:
+                self._build(suffix, functools.partial(make_group, suffix, rank, size))
 
-    def _build(self, make_group: GroupFactory, suffix: str, rank: int, size: int) -> None:
+    def _build(self, suffix: str, make: Callable[[], Any]) -> None:
         started = time.monotonic()
         try:
-            group = make_group(suffix, rank, size)
-            log.debug("heal group %s ready in %.1f ms", suffix, (time.monotonic() - started) * 1e3)
+            built = make()
+            log.debug("heal %s ready in %.1f ms", suffix, (time.monotonic() - started) * 1e3)
         except BaseException as e:
             with self._lock:
                 self._errors.append(f"{suffix}: {e}")
@@ -222,30 +263,40 @@ class HealGroups:
             with self._lock:
                 late = self._graveyard
                 if late is None:
-                    self._results[suffix] = group
-            if late is not None:  # the heal was given up while this group rendezvoused
-                late.retire_groups([group])
-            del group
+                    self._results[suffix] = built
+            if late is not None:  # the heal was given up while this rendezvoused
+                self._discard([built], late)
+            del built
         self._abort.notify()
 
     def wait(self, deadline: float) -> dict[str, Any]:
-        """Every group of this member, or HealError (rendezvous failed, abort, timeout)."""
+        """Every group of this member (or its links, under LINKS: {peer rank: socket}), or
+        HealError (rendezvous failed, abort, timeout)."""
         err = self._abort.wait_until(
             lambda: len(self._results) + len(self._errors) == len(self.wanted), deadline
         )
         if err is not None:
-            raise HealError(f"heal group rendezvous {err}")
+            raise HealError(f"heal rendezvous {err}")
         if self._errors:
-            raise HealError(f"heal group rendezvous failed: {self._errors[0]}")
+            raise HealError(f"heal rendezvous failed: {self._errors[0]}")
         return dict(self._results)
 
     def retire(self, graveyard: Any) -> None:
-        """Hand every group built so far, and any that finishes later, to `graveyard`."""
+        """Close the links, or hand every group built so far, and any that finishes later, to
+        `graveyard`."""
         with self._lock:
             self._graveyard = graveyard
             built = list(self._results.values())
             self._results.clear()
-        graveyard.retire_groups(built)
+        self._discard(built, graveyard)
+
+    def _discard(self, built: list[Any], graveyard: Any) -> None:
+        if self.streams:
+            for links in built:
+                for sock in links.values():
+                    close_quietly(sock)
+        else:
+            graveyard.retire_groups(built)
 
 
 class Healer:
@@ -271,6 +322,9 @@ class Healer:
         self.deadline = time.monotonic() + comm.timeout
         self.bytes_moved = 0
         self.phases: dict[str, float] = {}
+        # True while (and if, after a failure) this receiver's live tensors hold a partial
+        # transfer: its state is then not to be offered as anyone's source
+        self.state_damaged = False
 
     def run(self) -> None:
         rank = self.comm.rank
@@ -298,6 +352,9 @@ class Healer:
         sources = meta["sources"]
         chunks = plan_chunks(snapshot.specs, meta["chunk_bytes"])
         mine = [i for i in range(len(chunks)) if sources[i % len(sources)] == rank]
+        if self.groups.streams:
+            self._send_streams(snapshot, meta, chunks, mine)
+            return
         group = self.groups.wait(self.deadline)[f"heal/{rank}"]
         log.info(
             "heal: sending %d of %d chunks (%d bytes of state) to ranks %s",
@@ -346,6 +403,9 @@ class Healer:
         t2 = time.monotonic()
         targets, kinds = self._targets(specs)
         chunks = plan_chunks(specs, meta["chunk_bytes"])
+        if self.groups.streams:
+            self._receive_streams(meta, specs, chunks, targets, kinds, groups[LINKS], (t0, t1, t2))
+            return
         # bool tensors travel as uint8 (one byte each) and are converted after the transfer.
         landing = [t.view(torch.uint8) if t.dtype == torch.bool else t for t in targets]
         views = [t.detach().reshape(-1).view(torch.uint8) for t in landing]
@@ -425,6 +485,107 @@ class Healer:
         }
         log.info("heal phases (ms): %s", {k: round(v, 1) for k, v in self.phases.items()})
 
+    # ------------------------------------------------------------------ TCP streams
+    def _send_streams(self, snapshot: Any, meta: dict, chunks: list[list[Segment]], mine: list[int]) -> None:
+        """Stream this source's chunks to every receiver at once (`ops.heal_stream`), straight
+        from the state's tensors, each chunk followed by its checksum."""
+        links = self.groups.wait(self.deadline)[LINKS]
+        receivers = sorted(links)
+        # The streams are TCP: a tensor on a device is copied to the host first.
+        views = [
+            _byte_view(t if t.device.type == "cpu" else t.cpu()) if s.nbytes else None
+            for s, t in zip(snapshot.specs, snapshot.tensors)
+        ]
+        pieces: list[torch.Tensor] = []
+        ends: list[int] = []
+        for index in mine:
+            pieces.extend(views[seg.tensor][seg.start : seg.end] for seg in chunks[index])  # type: ignore[index]
+            ends.append(len(pieces))
+        nbytes = sum(p.numel() for p in pieces)
+        header = stream_header(meta, meta["sources"].index(self.comm.rank), len(mine), nbytes)
+        log.info(
+            "heal: sending %d of %d chunks (%d of %d bytes) to ranks %s over TCP streams",
+            len(mine),
+            len(chunks),
+            nbytes,
+            snapshot.nbytes,
+            receivers,
+        )
+        n = len(receivers)
+        err = ops.heal_stream(
+            [links[r].fileno() for r in receivers],
+            [pieces] * n,
+            [ends] * n,
+            [header] * n,
+            True,
+            self.comm.abort.fileno(),
+            max(0.0, self.deadline - time.monotonic()),
+        )
+        if err:
+            raise HealError(f"sending the state failed: {_name_stream(err, receivers)}")
+        self.bytes_moved += nbytes * n
+
+    def _receive_streams(
+        self,
+        meta: dict,
+        specs: list[TensorSpec],
+        chunks: list[list[Segment]],
+        targets: list[torch.Tensor],
+        kinds: list[str],
+        links: dict[int, Any],
+        times: tuple[float, float, float],
+    ) -> None:
+        """Receive every source's stream at once straight into the state's tensors (or fresh
+        ones), checking each chunk's checksum as it completes; then load."""
+        sources = self.sources
+        # bool tensors travel as uint8 (one byte each); tensors on a device land on the host
+        # (the streams are TCP) and are copied over once complete.
+        landing = [t.view(torch.uint8) if t.dtype == torch.bool else t for t in targets]
+        host = [t if t.device.type == "cpu" else torch.empty(t.shape, dtype=t.dtype) for t in landing]
+        views = [t.detach().reshape(-1).view(torch.uint8) for t in host]
+        pieces: list[list[torch.Tensor]] = [[] for _ in sources]
+        ends: list[list[int]] = [[] for _ in sources]
+        for index, chunk in enumerate(chunks):
+            k = index % len(sources)
+            pieces[k].extend(views[seg.tensor][seg.start : seg.end] for seg in chunk)
+            ends[k].append(len(pieces[k]))
+        headers = [
+            stream_header(meta, k, len(ends[k]), sum(p.numel() for p in pieces[k])) for k in range(len(sources))
+        ]
+        # The bytes land in the live tensors: a transfer that fails half-way leaves this
+        # member's state a mix of old and new (the manager stops offering it as a source).
+        self.state_damaged = any(
+            kind != FRESH and host[i] is landing[i] for i, kind in enumerate(kinds)
+        )
+        err = ops.heal_stream(
+            [links[s].fileno() for s in sources],
+            pieces,
+            ends,
+            headers,
+            False,
+            self.comm.abort.fileno(),
+            max(0.0, self.deadline - time.monotonic()),
+        )
+        if err:
+            raise HealError(f"receiving the state failed: {_name_stream(err, sources)}")
+        self.state_damaged = False
+        self.bytes_moved += sum(p.numel() for stream in pieces for p in stream)
+        t3 = time.monotonic()
+        with torch.no_grad():
+            for h, t in zip(host, landing):
+                if h is not t:
+                    t.copy_(h)
+        targets = [t.view(torch.bool) if s.dtype == "bool" else t for s, t in zip(specs, landing)]
+        self.state.load(meta["skeleton"], targets)
+        t0, t1, t2 = times
+        self.phases = {
+            "meta_ms": (t1 - t0) * 1e3,
+            "links_ms": (t2 - t1) * 1e3,
+            "transfer_ms": (t3 - t2) * 1e3,  # checksums are checked as the chunks arrive
+            "load_ms": (time.monotonic() - t3) * 1e3,
+        }
+        log.info("heal phases (ms): %s", {k: round(v, 1) for k, v in self.phases.items()})
+
     # ------------------------------------------------------------------ helpers
     def _targets(self, specs: list[TensorSpec]) -> tuple[list[torch.Tensor], list[str]]:
         """Where each tensor is received, and how (FRESH, OWNED or SHARED).
@@ -468,6 +629,7 @@ class Healer:
                 fresh = torch.empty(t.shape, dtype=t.dtype, device=t.device)
                 t.set_(fresh.untyped_storage(), 0, t.shape, t.stride())
         if tensors:
+            self.state_damaged = True
             log.info("heal abandoned: re-pointed %d owned tensor(s) to new memory", len(tensors))
 
     def _on_comm_device(self, data: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,7 @@ from lococomm.collectives.buffers import BufferPool, Graveyard
 from lococomm.collectives.communicator import Communicator, Handle
 from lococomm.collectives.stats import accumulate as accumulate_stats
 from lococomm.ft.epoch import EpochGroups, EpochInfo
-from lococomm.ft.healing import Healer, HealError, HealGroups, publish_meta
+from lococomm.ft.healing import Healer, HealError, HealGroups, publish_meta, streams_enabled
 from lococomm.ft.session import CoordinatorSession
 from lococomm.ft.state import ReplicatedState
 from lococomm.ops import _build
@@ -659,12 +659,19 @@ class Manager:
         if info.rank == min(sources):
             snapshot = self._state.snapshot()
             published = (snapshot, publish_meta(store, snapshot, sources))  # HealError if the store is gone
+        receivers = info.ranks_of(info.receivers)
+        make_links = None
+        if streams_enabled(self._groups.backend):
+            make_links = functools.partial(
+                self._groups.heal_links, f"{prefix}/heal", info.rank, sources, receivers, ctx.abort
+            )
         groups = HealGroups(
             info.rank,
             sources,
-            info.ranks_of(info.receivers),
+            receivers,
             lambda suffix, rank, size: self._groups.new_group(f"{prefix}/{suffix}", rank, size),
             ctx.abort,
+            make_links,
         )
         return _HealStart(groups, store, published, started)
 
@@ -684,7 +691,15 @@ class Manager:
                 heal.groups,
                 published=heal.published,
             )
-            healer.run()
+            try:
+                healer.run()
+            except HealError:
+                if healer.state_damaged:
+                    # Until a heal completes its state is not any step's state: keep the
+                    # coordinator from naming it a source (it would spread the damage).
+                    self._synced = False
+                    log.warning("this member's state holds a partial transfer; healing again")
+                raise
             seconds = time.monotonic() - started
             if self.replica_id in info.receivers:
                 self.metrics.heal_seconds = seconds
