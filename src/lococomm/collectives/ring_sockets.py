@@ -105,20 +105,37 @@ def read_exact(
 
 
 def connect_with_abort(
-    address: tuple[str, int], abort: AbortSignal, deadline: float, what: str = "the ring"
+    address: tuple[str, int],
+    abort: AbortSignal,
+    deadline: float,
+    what: str = "the ring",
+    buffer_bytes: int = 0,
 ) -> socket.socket:
-    """A TCP connection to `address`, attempted in slices so an abort is seen while an
-    unreachable host swallows the SYNs."""
+    """A blocking TCP connection to `address`, attempted in slices so an abort is seen while
+    an unreachable host swallows the SYNs. `buffer_bytes` > 0 sets its send and receive
+    buffers before connecting (so the window scale allows them)."""
+    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
     while True:
         if abort.aborted:
             raise RendezvousError(f"connecting {what}: aborted: {abort.reason}")
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise RendezvousError(f"connecting {what} to {address}: timed out")
+        sock = socket.socket(family, socket.SOCK_STREAM)
         try:
-            return socket.create_connection(address, timeout=min(remaining, 4 * _SLICE_SECONDS))
+            if buffer_bytes > 0:
+                for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+                    sock.setsockopt(socket.SOL_SOCKET, option, buffer_bytes)
+            sock.settimeout(min(remaining, 4 * _SLICE_SECONDS))
+            sock.connect(address)
+            sock.settimeout(None)
+            return sock
         except TimeoutError:
+            sock.close()
             continue
+        except BaseException:
+            sock.close()
+            raise
 
 
 def connect_ring(

@@ -54,6 +54,7 @@ from lococomm.ft.state import ReplicatedState, TensorSpec
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 8 << 20
+SPREAD_BYTES = 64 << 20  # state bytes per source a stream heal is spread over (stream_sources)
 WINDOW = 4  # chunks in flight per source (and per receiver in total, times 2)
 LINKS = "links"  # HealGroups' key for the stream transport's {peer rank: socket}
 STREAM_MAGIC = 0x4C43_4845_414C_0001  # first header word of a heal stream ("LCHEAL", version 1)
@@ -106,10 +107,21 @@ def chunk_nbytes(chunk: list[Segment]) -> int:
     return sum(s.end - s.start for s in chunk)
 
 
+def stream_sources(sources: list[int], state_bytes: int, spread_bytes: int = SPREAD_BYTES) -> list[int]:
+    """The sources a state of `state_bytes` streams from (TCP streams): one per `spread_bytes`
+    of state, at least one, the lowest ranks first. A small state comes from one source: every
+    further one is another process that must be scheduled at the same moment (on a loaded
+    machine they start milliseconds apart, longer than a 10 MB transfer takes); a large one
+    is spread, so no single source's uplink limits the heal."""
+    wanted = max(1, -(-state_bytes // spread_bytes))
+    return sorted(sources)[: min(len(sources), wanted)]
+
+
 def publish_meta(store: Any, snapshot: Any, sources: list[int], max_chunk_bytes: int = CHUNK_BYTES) -> dict:
     """The primary source's `heal/meta`: the JSON skeleton (all non-tensor state), tensor
-    specs, source ranks and chunk size. Published as soon as the epoch's plan is known (before
-    any process group exists), so receivers find it when their groups are ready."""
+    specs, the ranks it comes from and chunk size; then `heal/sources` (those ranks alone, for
+    the link rendezvous). Published as soon as the epoch's plan is known (before any process
+    group exists), so receivers find it when their groups are ready."""
     meta = {
         "skeleton": snapshot.skeleton,
         "specs": [s.to_json() for s in snapshot.specs],
@@ -119,6 +131,7 @@ def publish_meta(store: Any, snapshot: Any, sources: list[int], max_chunk_bytes:
     text = json.dumps(meta)  # a non-JSON value in the state raises here, to the caller
     try:
         store.set("heal/meta", text)
+        store.set("heal/sources", json.dumps(meta["sources"]))
     except (RuntimeError, OSError) as e:  # the store (coordinator) went away
         raise HealError(f"could not publish the heal metadata: {e}") from e
     return meta
@@ -350,6 +363,8 @@ class Healer:
         if [s.to_json() for s in snapshot.specs] != meta["specs"]:
             raise HealError("this source's tensor layout differs from the primary source's")
         sources = meta["sources"]
+        if rank not in sources:  # up to date, but not needed this time (stream_sources)
+            return
         chunks = plan_chunks(snapshot.specs, meta["chunk_bytes"])
         mine = [i for i in range(len(chunks)) if sources[i % len(sources)] == rank]
         if self.groups.streams:
@@ -396,7 +411,9 @@ class Healer:
         sources = meta["sources"]
         if not sources:
             raise HealError("no source to heal from")
-        if sources != self.sources:
+        # streams may come from a subset of the epoch's sources (stream_sources); broadcasts
+        # come from all of them
+        if not set(sources) <= set(self.sources) or (sources != self.sources and not self.groups.streams):
             raise HealError(f"the primary source names sources {sources}, the epoch plan {self.sources}")
         t1 = time.monotonic()
         groups = self.groups.wait(self.deadline)
@@ -406,6 +423,7 @@ class Healer:
         if self.groups.streams:
             self._receive_streams(meta, specs, chunks, targets, kinds, groups[LINKS], (t0, t1, t2))
             return
+        # (the broadcasts' staging and checksum exchange below; streams need neither)
         # bool tensors travel as uint8 (one byte each) and are converted after the transfer.
         landing = [t.view(torch.uint8) if t.dtype == torch.bool else t for t in targets]
         views = [t.detach().reshape(-1).view(torch.uint8) for t in landing]
@@ -537,7 +555,7 @@ class Healer:
     ) -> None:
         """Receive every source's stream at once straight into the state's tensors (or fresh
         ones), checking each chunk's checksum as it completes; then load."""
-        sources = self.sources
+        sources = meta["sources"]
         # bool tensors travel as uint8 (one byte each); tensors on a device land on the host
         # (the streams are TCP) and are copied over once complete.
         landing = [t.view(torch.uint8) if t.dtype == torch.bool else t for t in targets]

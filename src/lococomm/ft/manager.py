@@ -35,7 +35,14 @@ from lococomm.collectives.buffers import BufferPool, Graveyard
 from lococomm.collectives.communicator import Communicator, Handle
 from lococomm.collectives.stats import accumulate as accumulate_stats
 from lococomm.ft.epoch import EpochGroups, EpochInfo
-from lococomm.ft.healing import Healer, HealError, HealGroups, publish_meta, streams_enabled
+from lococomm.ft.healing import (
+    Healer,
+    HealError,
+    HealGroups,
+    publish_meta,
+    stream_sources,
+    streams_enabled,
+)
 from lococomm.ft.session import CoordinatorSession
 from lococomm.ft.state import ReplicatedState
 from lococomm.ops import _build
@@ -655,13 +662,15 @@ class Manager:
         prefix = info.store_prefix
         sources = info.ranks_of(info.sources)
         store = dist.PrefixStore(f"{prefix}/heal", self._groups.store())
+        streams = streams_enabled(self._groups.backend)
         published = None
         if info.rank == min(sources):
             snapshot = self._state.snapshot()
-            published = (snapshot, publish_meta(store, snapshot, sources))  # HealError if the store is gone
+            used = stream_sources(sources, snapshot.nbytes) if streams else sources
+            published = (snapshot, publish_meta(store, snapshot, used))  # HealError if the store is gone
         receivers = info.ranks_of(info.receivers)
         make_links = None
-        if streams_enabled(self._groups.backend):
+        if streams:
             make_links = functools.partial(
                 self._groups.heal_links, f"{prefix}/heal", info.rank, sources, receivers, ctx.abort
             )
