@@ -47,8 +47,8 @@ import torch
 from lococomm import ops
 from lococomm.collectives.abort import AbortSignal, wait_store_keys
 from lococomm.collectives.communicator import Communicator
-from lococomm.collectives.exact import exclusively_owned
 from lococomm.collectives.ring_sockets import close_quietly
+from lococomm.ft.heal_landing import FRESH, OWNED, SHARED, Landing, choose_targets
 from lococomm.ft.state import ReplicatedState, TensorSpec
 
 log = logging.getLogger(__name__)
@@ -58,8 +58,6 @@ SPREAD_BYTES = 64 << 20  # state bytes per source a stream heal is spread over (
 WINDOW = 4  # chunks in flight per source (and per receiver in total, times 2)
 LINKS = "links"  # HealGroups' key for the stream transport's {peer rank: socket}
 STREAM_MAGIC = 0x4C43_4845_414C_0001  # first header word of a heal stream ("LCHEAL", version 1)
-# How a receiver lands each tensor (Healer._targets)
-FRESH, OWNED, SHARED = "fresh", "owned", "shared"
 
 
 @dataclass(frozen=True)
@@ -324,6 +322,7 @@ class Healer:
         receivers: list[int],
         groups: HealGroups,
         published: tuple[Any, dict] | None = None,
+        landing: Landing | None = None,
     ) -> None:
         self.comm = comm
         self.store = store
@@ -332,6 +331,7 @@ class Healer:
         self.receivers = sorted(receivers)
         self.groups = groups
         self.published = published  # (snapshot, meta): the primary source published up front
+        self.landing = landing  # a receiver's metadata and targets, prepared up front
         self.deadline = time.monotonic() + comm.timeout
         self.bytes_moved = 0
         self.phases: dict[str, float] = {}
@@ -346,6 +346,8 @@ class Healer:
                 self._as_source()
             elif rank in self.receivers:
                 self._as_receiver()
+                if self.landing is not None:  # off the critical path, as far as it overlapped
+                    self.phases["prepare_ms"] = self.landing.seconds * 1e3
         finally:
             self.groups.retire(self.comm.graveyard)
 
@@ -405,9 +407,17 @@ class Healer:
     # ------------------------------------------------------------------ receiver side
     def _as_receiver(self) -> None:
         t0 = time.monotonic()
-        wait_key(self.store, "heal/meta", self.comm.abort, self.deadline)
-        meta = json.loads(self.store.get("heal/meta"))
-        specs = [TensorSpec.from_json(item) for item in meta["specs"]]
+        prepared = None
+        if self.landing is not None:  # metadata and targets made ready while the group formed
+            try:
+                prepared = self.landing.wait(self.deadline)
+            except RuntimeError as e:
+                raise HealError(str(e)) from e
+            meta, specs = prepared[0], prepared[1]
+        else:
+            wait_key(self.store, "heal/meta", self.comm.abort, self.deadline)
+            meta = json.loads(self.store.get("heal/meta"))
+            specs = [TensorSpec.from_json(item) for item in meta["specs"]]
         sources = meta["sources"]
         if not sources:
             raise HealError("no source to heal from")
@@ -418,7 +428,7 @@ class Healer:
         t1 = time.monotonic()
         groups = self.groups.wait(self.deadline)
         t2 = time.monotonic()
-        targets, kinds = self._targets(specs)
+        targets, kinds = prepared[2:] if prepared is not None else self._targets(specs)
         chunks = plan_chunks(specs, meta["chunk_bytes"])
         if self.groups.streams:
             self._receive_streams(meta, specs, chunks, targets, kinds, groups[LINKS], (t0, t1, t2))
@@ -606,37 +616,11 @@ class Healer:
 
     # ------------------------------------------------------------------ helpers
     def _targets(self, specs: list[TensorSpec]) -> tuple[list[torch.Tensor], list[str]]:
-        """Where each tensor is received, and how (FRESH, OWNED or SHARED).
-
-        This worker's own tensors are written in place where they match (no extra copy of a
-        model, and memory that is already paged in): straight from the wire when the state
-        holds the tensor object itself and nothing else sees its storage (OWNED: optimizer
-        state, plain-dict values; if the transfer is abandoned the tensor is re-pointed and a
-        late write of a zombie receive lands in the old storage), through staging otherwise
-        (SHARED: module parameters arrive as aliases from state_dict()). Tensors this worker
-        lacks (e.g. optimizer state a joiner has not created yet) are received into FRESH
-        memory, which nobody sees before the state is loaded."""
-        own = self.state.snapshot()
-        live = {s.path: t for s, t in zip(own.specs, own.tensors)}
-        del own
-        targets: list[torch.Tensor] = []
-        kinds: list[str] = []
-        for spec in specs:
-            dtype = getattr(torch, spec.dtype)
-            current = live.get(spec.path)
-            if (
-                current is not None
-                and current.dtype == dtype
-                and tuple(current.shape) == spec.shape
-                and current.is_contiguous()
-            ):
-                targets.append(current)
-                kinds.append(OWNED if exclusively_owned(current) else SHARED)
-            else:
-                device = self.comm.device if spec.device_type != "cpu" else torch.device("cpu")
-                targets.append(torch.empty(spec.shape, dtype=dtype, device=device))
-                kinds.append(FRESH)
-        return targets, kinds
+        """`heal_landing.choose_targets` for this member. Over broadcasts, OWNED and FRESH
+        tensors are received straight from the wire (an abandoned receive re-points OWNED ones,
+        so a late write of a zombie receive lands in the old storage) and SHARED ones through
+        staging; over streams every kind is written in place (nothing writes after the call)."""
+        return choose_targets(self.state, specs, self.comm.device)
 
     def _repoint(self, tensors: list[torch.Tensor]) -> None:
         """Move owned tensors that an abandoned receive may still write into onto new storage

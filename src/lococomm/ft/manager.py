@@ -35,6 +35,7 @@ from lococomm.collectives.buffers import BufferPool, Graveyard
 from lococomm.collectives.communicator import Communicator, Handle
 from lococomm.collectives.stats import accumulate as accumulate_stats
 from lococomm.ft.epoch import EpochGroups, EpochInfo
+from lococomm.ft.heal_landing import Landing
 from lococomm.ft.healing import (
     Healer,
     HealError,
@@ -103,6 +104,7 @@ class _HealStart:
     store: Any  # the epoch's heal prefix of the coordinator's store
     published: tuple[Any, dict] | None  # (snapshot, meta) on the primary source
     started: float  # time.monotonic() when the epoch plan arrived
+    landing: Landing | None = None  # a receiver's metadata and targets, prepared meanwhile
 
 
 class Manager:
@@ -682,7 +684,10 @@ class Manager:
             ctx.abort,
             make_links,
         )
-        return _HealStart(groups, store, published, started)
+        landing = None
+        if info.rank in receivers:
+            landing = Landing(store, self._state, self.device, ctx.abort, self.timeout)
+        return _HealStart(groups, store, published, started, landing)
 
     def _heal(self, ctx: _EpochContext, heal: _HealStart | None) -> None:
         """Run this epoch's healing plan; afterwards every member is at the epoch's step."""
@@ -699,6 +704,7 @@ class Manager:
                 info.ranks_of(info.receivers),
                 heal.groups,
                 published=heal.published,
+                landing=heal.landing,
             )
             try:
                 healer.run()
