@@ -17,6 +17,7 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 FRESH, OWNED, SHARED = "fresh", "owned", "shared"
 _MADV_POPULATE_WRITE = 23  # Linux >= 5.14: fault a range in, writable, in one call
 _PAGE = 4096
+_POPULATE_SLICE = 16 << 20  # bytes paged in per call (an abort is seen between calls)
 
 
 def choose_targets(
@@ -70,24 +72,30 @@ def choose_targets(
 _madvise: Any = None
 
 
-def populate(tensor: torch.Tensor) -> None:
-    """Page in a fresh CPU tensor's memory (its contents are left as they are: undefined).
-    madvise(MADV_POPULATE_WRITE) where the kernel has it, else one write per page."""
+def populate(tensor: torch.Tensor, stop: Callable[[], bool] = lambda: False) -> None:
+    """Page in a fresh CPU tensor's memory (its contents are left as they are: undefined),
+    last slice first, until `stop()`: madvise(MADV_POPULATE_WRITE) where the kernel has it,
+    else one write per page.
+
+    Last slice first because the transfer fills the tensor from its start at the same time:
+    the two meet in the middle instead of faulting the same pages."""
     global _madvise
     nbytes = tensor.numel() * tensor.element_size()
     if tensor.device.type != "cpu" or nbytes < 16 * _PAGE:
         return
     start = tensor.data_ptr()
     first, last = -(-start // _PAGE) * _PAGE, (start + nbytes) // _PAGE * _PAGE
-    if sys.platform.startswith("linux"):
-        if _madvise is None:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-            _madvise = libc.madvise
-        if _madvise(first, last - first, _MADV_POPULATE_WRITE) == 0:
-            return
+    if _madvise is None and sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        _madvise = libc.madvise
     flat = tensor.detach().reshape(-1).view(torch.uint8)
-    flat[first - start : last - start : _PAGE].zero_()
+    end = last
+    while end > first and not stop():
+        begin = max(first, end - _POPULATE_SLICE)
+        if _madvise is None or _madvise(begin, end - begin, _MADV_POPULATE_WRITE) != 0:
+            flat[begin - start : end - start : _PAGE].zero_()
+        end = begin
 
 
 class Landing:
@@ -105,7 +113,9 @@ class Landing:
         self._done = threading.Event()
         self._result: tuple[dict, list[TensorSpec], list[torch.Tensor], list[str]] | None = None
         self._error: str | None = None
-        self.seconds = 0.0  # the preparation's own duration
+        self.seconds = 0.0  # the preparation's own duration (metadata, targets)
+        self.populate_seconds = 0.0  # until fresh memory was paged in (0: not yet)
+        self.finished = False  # set by the heal when its transfer is over: stop paging in
         threading.Thread(target=self._run, daemon=True, name="lococomm-heal-landing").start()
 
     def _run(self) -> None:
@@ -118,9 +128,6 @@ class Landing:
             meta = json.loads(self._store.get("heal/meta"))
             specs = [TensorSpec.from_json(item) for item in meta["specs"]]
             targets, kinds = choose_targets(self._state, specs, self._device)
-            for target, kind in zip(targets, kinds):
-                if kind == FRESH:
-                    populate(target)
             self._result = (meta, specs, targets, kinds)
         except Exception as e:  # reported to the heal, which fails the epoch
             self._error = f"preparing the heal: {type(e).__name__}: {e}"
@@ -128,6 +135,15 @@ class Landing:
             self.seconds = time.monotonic() - started
             self._done.set()
             self._abort.notify()
+        if self._result is None:
+            return
+        # The transfer may begin now; fresh memory is paged in alongside it (on the other
+        # core), from the far end of the state, the last tensor first.
+        fresh = [t for t, kind in zip(targets, kinds) if kind == FRESH]
+        del targets
+        for tensor in reversed(fresh):
+            populate(tensor, stop=lambda: self._abort.aborted or self.finished)
+        self.populate_seconds = time.monotonic() - started
 
     def wait(self, deadline: float) -> tuple[dict, list[TensorSpec], list[torch.Tensor], list[str]]:
         """(meta, specs, targets, kinds), or RuntimeError with the reason (abort, timeout,

@@ -348,7 +348,10 @@ class Healer:
                 self._as_receiver()
                 if self.landing is not None:  # off the critical path, as far as it overlapped
                     self.phases["prepare_ms"] = self.landing.seconds * 1e3
+                    self.phases["populated_ms"] = self.landing.populate_seconds * 1e3
         finally:
+            if self.landing is not None:
+                self.landing.finished = True
             self.groups.retire(self.comm.graveyard)
 
     # ------------------------------------------------------------------ source side
