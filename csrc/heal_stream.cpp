@@ -8,8 +8,9 @@
 //
 // Stream format: a fixed header (the sender's, compared by the receiver before it reads a data
 // byte: layout hash, chunk count, byte count), then per chunk its bytes followed by an 8-byte
-// little-endian checksum of them (kernels.h checksum, computed as the bytes go out or come in,
-// while they are in cache). A receiver stops at the first chunk whose checksum differs.
+// little-endian checksum of them (kernels.h checksum, computed while the socket has nothing to
+// give or take: a sender hashes ahead, a receiver what has arrived). A receiver stops at the
+// first chunk whose checksum differs.
 //
 // Pieces are written in place: the receiver's pieces are the live tensors' memory. Once this
 // call returns nothing touches them any more (unlike an abandoned gloo receive, which may
@@ -38,6 +39,7 @@
 namespace {
 
 constexpr int kMaxIov = 64;  // pieces per sendmsg/recvmsg call
+constexpr int64_t kHashSlice = 256 << 10;  // bytes hashed per wait before looking at the socket again
 
 struct Stream {
   int fd = -1;
@@ -52,7 +54,12 @@ struct Stream {
   bool in_trailer = false;
   uint8_t trailer[8] = {};
   int64_t trailer_done = 0;
+  // The checksum runs on its own cursor, in the time the socket has nothing to give or take
+  // (a sender may hash ahead of what it sent; a receiver hashes what has arrived), so it
+  // fills waits instead of lengthening the transfer.
+  int64_t hash_chunk = 0, hash_piece = 0, hash_offset = 0;
   lococomm::ChecksumStream hash;
+  std::vector<uint64_t> chunk_sums;  // checksum of each chunk hashed so far
 
   bool done() const { return header_done == header_bytes && chunk == static_cast<int64_t>(ends.size()); }
   int64_t chunk_begin() const { return chunk == 0 ? 0 : ends[chunk - 1]; }
@@ -133,11 +140,53 @@ class Transfer {
     return g;
   }
 
-  // Moves (piece, offset) on by `moved` bytes, hashing them (they are in cache right now).
+  // Hashes up to `budget` more bytes of the stream, never past what a receiver holds (its
+  // data cursor); true if it hashed anything.
+  bool hash_some(Stream& s, int64_t budget) const {
+    bool worked = false;
+    const int64_t chunks = static_cast<int64_t>(s.ends.size());
+    while (budget > 0 && s.hash_chunk < chunks) {
+      const int64_t end = s.ends[s.hash_chunk];
+      if (s.hash_piece >= end) {  // chunk complete
+        s.chunk_sums.push_back(s.hash.value());
+        s.hash = lococomm::ChecksumStream();
+        s.hash_chunk++;
+        worked = true;
+        continue;
+      }
+      if (s.hash_offset == s.len[s.hash_piece]) {  // an empty piece, or one hashed whole
+        s.hash_piece++;
+        s.hash_offset = 0;
+        continue;
+      }
+      int64_t limit = s.len[s.hash_piece];
+      if (!sending_) {  // only bytes that have arrived
+        if (s.hash_chunk > s.chunk || (s.hash_chunk == s.chunk && s.hash_piece > s.piece)) break;
+        if (s.hash_chunk == s.chunk && s.hash_piece == s.piece) limit = s.offset;
+      }
+      const int64_t take = std::min(budget, limit - s.hash_offset);
+      if (take <= 0) break;
+      s.hash.update(s.ptr[s.hash_piece] + s.hash_offset, take);
+      s.hash_offset += take;
+      budget -= take;
+      worked = true;
+    }
+    return worked;
+  }
+
+  // The checksum of the current chunk, hashing what is left of it first.
+  // (Called once the chunk's data is all sent or all here, so the hash can always finish it.)
+  uint64_t chunk_sum(Stream& s) const {
+    while (static_cast<int64_t>(s.chunk_sums.size()) <= s.chunk) {
+      TORCH_CHECK(hash_some(s, INT64_MAX), "heal_stream: checksum cursor stuck (bug)");
+    }
+    return s.chunk_sums[s.chunk];
+  }
+
+  // Moves the data cursor (piece, offset) on by `moved` bytes.
   static void advance(Stream& s, int64_t moved) {
     while (moved > 0) {
       const int64_t take = std::min(moved, s.len[s.piece] - s.offset);
-      s.hash.update(s.ptr[s.piece] + s.offset, take);
       s.offset += take;
       moved -= take;
       if (s.offset == s.len[s.piece]) {
@@ -153,7 +202,6 @@ class Transfer {
     s.chunk++;
     s.in_trailer = false;
     s.trailer_done = 0;
-    s.hash = lococomm::ChecksumStream();
     if (s.chunk < static_cast<int64_t>(s.ends.size())) {
       while (s.piece < s.ends[s.chunk] && s.len[s.piece] == 0) s.piece++;
     }
@@ -182,7 +230,7 @@ class Transfer {
         n = gather(s, iov).count;
       }
       if (n == 0) {  // the chunk's data is out (or it had none): its checksum follows
-        const uint64_t h = s.hash.value();
+        const uint64_t h = chunk_sum(s);
         for (int b = 0; b < 8; ++b) s.trailer[b] = static_cast<uint8_t>(h >> (8 * b));
         s.in_trailer = true;
         continue;
@@ -192,7 +240,11 @@ class Transfer {
       const ssize_t put = ::sendmsg(s.fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
       if (put < 0) {
         if (errno == EINTR) continue;
-        if (errno == EAGAIN || errno == EWOULDBLOCK) return "";
+        if (errno == EAGAIN || errno == EWOULDBLOCK) {
+          // the socket is full: hash ahead meanwhile, then try it again
+          if (hash_some(s, kHashSlice)) *progressed = true;
+          return "";
+        }
         return io_error("send", errno);
       }
       if (put == 0) return "send made no progress";
@@ -238,7 +290,11 @@ class Transfer {
       const ssize_t got = ::recvmsg(s.fd, &msg, MSG_DONTWAIT);
       if (got < 0) {
         if (errno == EINTR) continue;
-        if (errno == EAGAIN || errno == EWOULDBLOCK) return "";
+        if (errno == EAGAIN || errno == EWOULDBLOCK) {
+          // nothing there yet: hash what has arrived meanwhile, then look again
+          if (hash_some(s, kHashSlice)) *progressed = true;
+          return "";
+        }
         return io_error("receive", errno);
       }
       if (got == 0) return "peer closed the connection";
@@ -260,7 +316,7 @@ class Transfer {
       if (s.trailer_done == 8) {
         uint64_t sent = 0;
         for (int b = 0; b < 8; ++b) sent |= static_cast<uint64_t>(s.trailer[b]) << (8 * b);
-        if (sent != s.hash.value()) {
+        if (sent != chunk_sum(s)) {
           return "chunk " + std::to_string(s.chunk) + " arrived corrupted (checksum mismatch)";
         }
         next_chunk(s);
