@@ -37,6 +37,7 @@ from lococomm.collectives.stats import accumulate as accumulate_stats
 from lococomm.ft.epoch import EpochGroups, EpochInfo
 from lococomm.ft.heal_landing import Landing
 from lococomm.ft.healing import (
+    STREAM_CHUNK_BYTES,
     Healer,
     HealError,
     HealGroups,
@@ -668,8 +669,11 @@ class Manager:
         published = None
         if info.rank == min(sources):
             snapshot = self._state.snapshot()
-            used = stream_sources(sources, snapshot.nbytes) if streams else sources
-            published = (snapshot, publish_meta(store, snapshot, used))  # HealError if the store is gone
+            if streams:
+                meta = publish_meta(store, snapshot, stream_sources(sources, snapshot.nbytes), STREAM_CHUNK_BYTES)
+            else:
+                meta = publish_meta(store, snapshot, sources)
+            published = (snapshot, meta)  # (publish_meta raises HealError if the store is gone)
         receivers = info.ranks_of(info.receivers)
         make_links = None
         if streams:
