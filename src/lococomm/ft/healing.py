@@ -1,29 +1,34 @@
 """Healing: moving the replicated state from up-to-date members to joiners and laggards.
 
-Protocol (inside one epoch, after its process group is built; the coordinator's epoch plan
-names the sources and receivers, bystanders take no part):
+Protocol (inside one epoch; the coordinator's epoch plan names the sources and receivers,
+bystanders take no part):
 
 1. As soon as the epoch's plan arrives -- while the epoch's own group is still rendezvousing
    -- the primary source (lowest rank) publishes `heal/meta` in the epoch's store (the JSON
-   skeleton of all non-tensor state, tensor specs, source ranks and chunk size; names, shapes
-   and dtypes never travel any other way, and nothing is pickled), and every source and
-   receiver starts its heal groups' rendezvous (`HealGroups`).
+   skeleton of all non-tensor state, tensor specs, the sources it comes from, chunk size;
+   names, shapes and dtypes never travel any other way, and nothing is pickled); every
+   source and receiver starts connecting its transport (`HealGroups`), and every receiver
+   prepares where the bytes land (`heal_landing.Landing`: targets, fresh memory paged in).
 2. The state's bytes are cut into chunks (`plan_chunks`: big tensors split, small ones
    packed); chunk i comes from source i mod len(sources), so a large state is spread over
-   every healthy source. Each source broadcasts its chunks in a small group of its own
-   ({source} + receivers), straight from its tensors, and hashes each chunk while it travels.
-   Receivers receive a chunk straight into its tensor when nothing but the state can see that
-   tensor's memory (one the state holds exclusively, re-pointed to new memory if the transfer
-   is abandoned, or a fresh one); chunks of module parameters (aliases) land in a ring of
-   private staging buffers (bounded memory) and are hashed while copied into place. Either
-   way an abandoned receive can never write into memory the live state uses.
-3. Each source publishes its chunk checksums (64-bit multilinear hash + length, `ops.checksum`); a receiver loads the state
-   only if every chunk matches, and the first commit of the epoch compares full-state blake2b
-   digests across members (bit-parity).
-
-Why broadcast in per-source groups rather than send/recv: gloo's send/recv works report
-completion only through a blocking `wait()`, and a timed-out `wait(timeout)` closes the pair,
-so they cannot be waited on in abort-aware slices; broadcast works can.
+   the healthy sources.
+3. Transport, gloo epochs: TCP streams (`heal_links`, `ops.heal_stream`). One native call
+   per member moves every stream at once, each chunk followed by its checksum (64-bit
+   multilinear hash, `ops.checksum`) and written straight into the receiver's own tensors;
+   nothing writes into them once the call has returned. A small state comes from one source
+   (`stream_sources`). A receiver whose transfer broke half-way holds a mix of old and new
+   bytes and says so (`Healer.state_damaged`: the manager stops offering it as a source).
+4. Transport, NCCL epochs (or LOCOCOMM_HEAL_STREAMS=0): each source broadcasts its chunks in a
+   small group of its own ({source} + receivers) and publishes the chunk checksums in the
+   store. Receivers land a chunk straight in its tensor when nothing but the state can see
+   that tensor's memory (one the state holds exclusively, re-pointed to new memory if the
+   transfer is abandoned, or a fresh one); chunks of module parameters (aliases) land in
+   bounded staging buffers, hashed while copied into place, because an abandoned gloo/NCCL
+   receive may still write later. Broadcasts rather than send/recv: gloo's send/recv report
+   completion only through a blocking `wait()`, and a timed-out `wait(timeout)` closes the
+   pair, so they cannot be waited on in abort-aware slices; broadcast works can.
+5. A receiver loads the state only if every chunk's checksum matches; the first commit of
+   the epoch compares full-state blake2b digests across members (bit-parity).
 
 A source that dies mid-transfer ends the epoch (the coordinator sees it); the receiver is still
 behind in the next epoch and heals from the remaining sources.
