@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "kernels.h"
+#include "poll_wait.h"
 
 namespace {
 
@@ -98,19 +99,10 @@ class Transfer {
         if (!s.done()) fds.push_back({s.fd, static_cast<short>(sending_ ? POLLOUT : POLLIN), 0});
       }
       // In slices, so a clock jump cannot park us for long.
-      const int rc = ::poll(fds.data(), fds.size(), static_cast<int>(std::min<int64_t>(left_ms, 100)));
-      if (rc < 0 && errno == EINTR) {
-        // A signal: Python's handlers run now (Ctrl-C must not wait for the deadline); one
-        // that raises ends the call with its exception.
-        pybind11::gil_scoped_acquire gil;
-        if (PyErr_CheckSignals() != 0) throw pybind11::error_already_set();
-        continue;
-      }
-      if (rc < 0) return std::string("poll failed: ") + std::strerror(errno);
-      if (rc > 0 && (fds[0].revents & (POLLIN | POLLHUP | POLLERR | POLLNVAL))) return "aborted";
-      for (size_t i = 1; i < fds.size(); ++i) {
-        if (fds[i].revents & POLLNVAL) return "a heal socket was closed under the executor";
-      }
+      std::string err = lococomm::poll_once(fds.data(), fds.size(),
+                                            static_cast<int>(std::min<int64_t>(left_ms, 100)),
+                                            "a heal socket was closed under the executor");
+      if (!err.empty()) return err;
     }
   }
 

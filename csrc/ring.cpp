@@ -35,6 +35,8 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "poll_wait.h"
+
 namespace {
 
 enum Action : int64_t { kForward = 0, kCombine = 1, kCombineDivide = 2 };
@@ -109,20 +111,10 @@ class RingRun {
         set_low_water();
       }
       if (want_send) fds[n++] = {right_, POLLOUT, 0};
-      const int rc = ::poll(fds, n, static_cast<int>(std::min<int64_t>(left_ms, 100)));
-      if (rc < 0 && errno == EINTR) {
-        // A signal: let Python run its handlers (Ctrl-C must not wait for the deadline). A
-        // handler that raises (KeyboardInterrupt) ends the call with that exception; other
-        // signals (SIGCHLD, ...) go on with the ring. Only the main thread runs handlers.
-        pybind11::gil_scoped_acquire gil;
-        if (PyErr_CheckSignals() != 0) throw pybind11::error_already_set();
-        continue;
-      }
-      if (rc < 0) return std::string("poll failed: ") + std::strerror(errno);
-      if (rc > 0 && (fds[0].revents & (POLLIN | POLLHUP | POLLERR | POLLNVAL))) return "aborted";
-      for (int i = 1; i < n; ++i) {
-        if (fds[i].revents & POLLNVAL) return "ring socket closed under the executor";
-      }
+      // (other signals -- SIGCHLD, ... -- go on with the ring)
+      err = lococomm::poll_once(fds, n, static_cast<int>(std::min<int64_t>(left_ms, 100)),
+                                            "ring socket closed under the executor");
+      if (!err.empty()) return err;
     }
     return "";
   }

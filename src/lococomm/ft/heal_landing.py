@@ -73,7 +73,7 @@ _madvise: Any = None
 
 
 def populate(tensor: torch.Tensor, stop: Callable[[], bool] = lambda: False) -> None:
-    """Page in a fresh CPU tensor's memory (its contents are left as they are: undefined),
+    """Page in a fresh CPU tensor's memory (its contents are undefined before and after),
     last slice first, until `stop()`: madvise(MADV_POPULATE_WRITE) where the kernel has it,
     else one write per page.
 

@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 ABI_VERSION = 8
 CPU_SOURCES = ("bindings.cpp", "quantize.cpp", "topk.cpp", "outer.cpp", "ring.cpp", "heal_stream.cpp")
 CUDA_SOURCES = ("cuda_bindings.cpp", "cuda/quantize.cu")
-HEADERS = ("common.h", "kernels.h")
+HEADERS = ("common.h", "kernels.h", "poll_wait.h")
 CUDA_HEADERS = ("cuda/kernels_cuda.h",)
 # -ffp-contract=off: no FMA contraction, so every kernel rounds exactly like its torch reference.
 # -fno-math-errno / -fno-trapping-math never change a result; they only let loops vectorise.
