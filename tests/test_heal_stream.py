@@ -249,3 +249,25 @@ def test_bad_plans_are_refused_with_a_clear_error():
         ops.heal_stream([a.fileno()], [[]], [[]], [torch.zeros(0, dtype=torch.uint8)], True, 0, 1.0)
     a.close()
     b.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("send_impl", IMPLS)
+def test_a_chunk_of_more_pieces_than_iov_max_goes_through(send_impl):
+    # a packed chunk of many scalars (e.g. optimizer step counters): more pieces than one
+    # sendmsg/recvmsg may carry (IOV_MAX = 1024)
+    pieces, ends = _plan([[4] * 1500 + [3]], 9)
+    a, b = _tcp_pair()
+    abort_r, abort_w = os.pipe()
+    landing = [torch.zeros_like(p) for p in pieces]
+    out = {}
+    sender = _run(lambda: out.setdefault("err", ops.heal_stream(
+        [a.fileno()], [pieces], [ends], [_header(1)], True, abort_r, 30.0, impl=send_impl)))
+    err = ops.heal_stream([b.fileno()], [landing], [ends], [_header(1)], False, abort_r, 30.0, impl="torch")
+    _join(sender)
+    assert (out["err"], err) == ("", "")
+    assert torch.equal(torch.cat(landing), torch.cat(pieces))
+    for fd in (abort_r, abort_w):
+        os.close(fd)
+    a.close()
+    b.close()

@@ -7,7 +7,7 @@ from lococomm.algorithms.optimizer import Optimizer
 from lococomm.algorithms.outer import OuterSGD
 from lococomm.collectives.communicator import Handle
 from lococomm.compress import codecs
-from lococomm.ft.manager import Manager, StepMetrics, StepRetriesExhausted
+from lococomm.ft.manager import Manager, StateLost, StepMetrics, StepRetriesExhausted
 from lococomm.ft.state import TorchRNG
 from lococomm.membership.client import AuthenticationError, CoordinatorUnavailable
 from lococomm.membership.coordinator import Coordinator
@@ -24,6 +24,7 @@ __all__ = [
     "Optimizer",
     "OuterSGD",
     "StepMetrics",
+    "StateLost",
     "StepRetriesExhausted",
     "TorchRNG",
     "presets",

@@ -73,28 +73,26 @@ _madvise: Any = None
 
 
 def populate(tensor: torch.Tensor, stop: Callable[[], bool] = lambda: False) -> None:
-    """Page in a fresh CPU tensor's memory (its contents are undefined before and after),
-    last slice first, until `stop()`: madvise(MADV_POPULATE_WRITE) where the kernel has it,
-    else one write per page.
-
-    Last slice first because the transfer fills the tensor from its start at the same time:
-    the two meet in the middle instead of faulting the same pages."""
+    """Page in a fresh CPU tensor's memory with madvise(MADV_POPULATE_WRITE), last slice
+    first, until `stop()`. Never writes to the tensor: it runs while the transfer fills the
+    same memory (starting from the front, so the two meet in the middle). Without that
+    madvise (Linux < 5.14, other systems) it does nothing and the transfer takes the faults.
+    """
     global _madvise
     nbytes = tensor.numel() * tensor.element_size()
-    if tensor.device.type != "cpu" or nbytes < 16 * _PAGE:
+    if tensor.device.type != "cpu" or nbytes < 16 * _PAGE or not sys.platform.startswith("linux"):
         return
     start = tensor.data_ptr()
     first, last = -(-start // _PAGE) * _PAGE, (start + nbytes) // _PAGE * _PAGE
-    if _madvise is None and sys.platform.startswith("linux"):
+    if _madvise is None:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         _madvise = libc.madvise
-    flat = tensor.detach().reshape(-1).view(torch.uint8)
     end = last
     while end > first and not stop():
         begin = max(first, end - _POPULATE_SLICE)
-        if _madvise is None or _madvise(begin, end - begin, _MADV_POPULATE_WRITE) != 0:
-            flat[begin - start : end - start : _PAGE].zero_()
+        if _madvise(begin, end - begin, _MADV_POPULATE_WRITE) != 0:
+            return  # not supported here (EINVAL): a write fallback could race the transfer
         end = begin
 
 

@@ -118,7 +118,11 @@ def _accept_receivers(
                 log.warning("heal link: refused a connection from %s (not a receiver of this heal)", peer)
                 conn.close()
                 continue
-            tune(conn)
+            try:
+                tune(conn)
+            except OSError:
+                conn.close()
+                raise
             links[sender] = conn
         done, links = links, {}
         return done

@@ -85,6 +85,11 @@ class StepRetriesExhausted(RuntimeError):
     """The same step kept failing (see Manager(max_retries=...)); the last reason is included."""
 
 
+class StateLost(RuntimeError):
+    """This member's state holds a half-finished heal and no member holds a state to heal it
+    from (every up-to-date one died during the transfer): training on would spread it."""
+
+
 def _exit_on_sigterm(signum: int, frame: Any) -> None:
     raise SystemExit(0)
 
@@ -174,6 +179,7 @@ class Manager:
         self._state = ReplicatedState()
         if state is not None:
             self._state.register_all(state)
+        self._damaged = False  # a heal broke half-way; only a completed heal clears it
         self._synced = False  # becomes True once this worker's state is known to match
         self._ctx: _EpochContext | None = None
         self._need_quorum = True
@@ -698,6 +704,12 @@ class Manager:
         info = ctx.info
         comm = ctx.comm
         assert comm is not None
+        if self._damaged and self.replica_id not in info.receivers:
+            # Named a source (or left alone): nobody up to date is left to heal from.
+            raise StateLost(
+                f"epoch {info.number}: this member's state holds a half-finished heal and no "
+                "member holds the state to heal it from; restart the job from a checkpoint"
+            )
         if heal is not None:
             started = time.monotonic()
             healer = Healer(
@@ -717,8 +729,11 @@ class Manager:
                     # Until a heal completes its state is not any step's state: keep the
                     # coordinator from naming it a source (it would spread the damage).
                     self._synced = False
+                    self._damaged = True
                     log.warning("this member's state holds a partial transfer; healing again")
                 raise
+            if self.replica_id in info.receivers:
+                self._damaged = False
             seconds = time.monotonic() - started
             if self.replica_id in info.receivers:
                 self.metrics.heal_seconds = seconds

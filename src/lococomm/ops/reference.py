@@ -734,6 +734,9 @@ def ring_allreduce(
 # ---------------------------------------------------------------------------------------------
 # Healing's state transfer over TCP streams (csrc/heal_stream.cpp)
 # ---------------------------------------------------------------------------------------------
+_MAX_IOV = 512  # pieces per sendmsg
+
+
 class _HealStream:
     """One stream's position: header, then per chunk its pieces' bytes and an 8-byte
     little-endian checksum of them."""
@@ -801,7 +804,7 @@ def _pump_send(s: _HealStream, sock: socket.socket) -> bool:
                 s.in_trailer = True
                 continue
         try:
-            put = sock.sendmsg(views, [], socket.MSG_NOSIGNAL)
+            put = sock.sendmsg(views[:_MAX_IOV], [], socket.MSG_NOSIGNAL)  # IOV_MAX is 1024
         except BlockingIOError:
             return moved
         except OSError as e:
