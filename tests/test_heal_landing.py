@@ -1,0 +1,62 @@
+"""A heal receiver's landing (ft/heal_landing.py): targets chosen from the metadata on a helper
+thread, fresh memory paged in without ever being written."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from lococomm.collectives.abort import AbortSignal
+from lococomm.ft.heal_landing import FRESH, OWNED, SHARED, Landing, populate
+from lococomm.ft.state import ReplicatedState, TensorSpec
+
+
+def test_populate_never_changes_the_bytes():
+    # it runs while the transfer writes the same memory: it must only fault pages in
+    data = torch.arange(3 << 20, dtype=torch.int32)  # 12 MiB, pages already written
+    before = data.clone()
+    populate(data)
+    assert torch.equal(data, before)
+    fresh = torch.empty(5 << 20, dtype=torch.uint8)
+    populate(fresh[1:])  # not page-aligned
+    fresh.fill_(3)
+    assert bool((fresh == 3).all())
+
+
+def _state() -> ReplicatedState:
+    model = torch.nn.Linear(3, 2)
+    state = ReplicatedState()
+    state.register("model", model)
+    state.register("extra", {"ema": torch.zeros(2)})
+    return state
+
+
+@pytest.mark.timeout(30)
+def test_landing_hands_over_metadata_and_targets():
+    state = _state()
+    snap = state.snapshot()
+    specs = [*snap.specs, TensorSpec("extra.moments", "float32", (1 << 20,), "cpu")]
+    meta = {"skeleton": snap.skeleton, "specs": [s.to_json() for s in specs], "sources": [0], "chunk_bytes": 1 << 20}
+    store = dist.HashStore()
+    abort = AbortSignal()
+    landing = Landing(store, state, torch.device("cpu"), abort, 20.0)
+    threading.Timer(0.2, store.set, ("heal/meta", json.dumps(meta))).start()
+    got_meta, got_specs, targets, kinds = landing.wait(float("inf"))
+    assert got_meta == meta and [s.path for s in got_specs] == [s.path for s in specs]
+    kind = {s.path: k for s, k in zip(specs, kinds)}
+    assert kind["model.weight"] == SHARED and kind["extra.ema"] == OWNED and kind["extra.moments"] == FRESH
+    assert targets[-1].shape == (1 << 20,) and targets[-1].dtype == torch.float32
+    landing.finished = True
+
+
+@pytest.mark.timeout(30)
+def test_landing_gives_up_on_abort():
+    abort = AbortSignal()
+    landing = Landing(dist.HashStore(), _state(), torch.device("cpu"), abort, 20.0)
+    threading.Timer(0.2, abort.abort, ("epoch given up",)).start()
+    with pytest.raises(RuntimeError, match="aborted"):
+        landing.wait(float("inf"))
