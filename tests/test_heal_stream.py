@@ -145,62 +145,55 @@ def _feed(sock: socket.socket, data: bytes, close: bool) -> None:
         sock.close()
 
 
+def _receive_fed(wire: bytes, landing: list[torch.Tensor], ends: list[int], impl: str, close: bool = False) -> str:
+    """Receive one stream (expecting _header(1)) from a peer that writes `wire` raw (and then
+    closes the connection if `close`); the executor's result."""
+    a, b = _tcp_pair()
+    abort_r, abort_w = os.pipe()
+    feeder = _run(_feed, a, wire, close)
+    try:
+        return ops.heal_stream([b.fileno()], [landing], [ends], [_header(1)], False, abort_r, 30.0, impl=impl)
+    finally:
+        _join(feeder)
+        for fd in (abort_r, abort_w):
+            os.close(fd)
+        a.close()
+        b.close()
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("impl", IMPLS)
 def test_a_corrupted_chunk_is_refused(impl):
     pieces, ends = _plan([[100, 28], [64]], 4)
-    a, b = _tcp_pair()
-    abort_r, abort_w = os.pipe()
     first = bytes(torch.cat(pieces[:2]).numpy())
     second = bytearray(pieces[2].numpy().tobytes())
     wire = bytes(_header(1).numpy()) + first + ops.checksum(torch.cat(pieces[:2])).to_bytes(8, "little")
     good = ops.checksum(pieces[2]).to_bytes(8, "little")
     second[17] ^= 0x10  # one flipped bit on the way
-    feeder = _run(_feed, a, wire + bytes(second) + good, False)
     landing = [torch.zeros_like(p) for p in pieces]
-    err = ops.heal_stream([b.fileno()], [landing], [ends], [_header(1)], False, abort_r, 30.0, impl=impl)
+    err = _receive_fed(wire + bytes(second) + good, landing, ends, impl)
     assert err == "stream 0: chunk 1 arrived corrupted (checksum mismatch)"
     assert torch.equal(torch.cat(landing[:2]), torch.cat(pieces[:2]))  # chunk 0 was fine
-    _join(feeder)
-    for fd in (abort_r, abort_w):
-        os.close(fd)
-    a.close()
-    b.close()
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("impl", IMPLS)
 def test_a_header_mismatch_stops_before_any_data_is_read(impl):
     _, ends = _plan([[64]], 5)
-    a, b = _tcp_pair()
-    abort_r, abort_w = os.pipe()
-    feeder = _run(_feed, a, bytes(_header(2).numpy()) + bytes(64 + 8), False)
     landing = [torch.full((64,), 7, dtype=torch.uint8)]
-    err = ops.heal_stream([b.fileno()], [landing], [ends], [_header(1)], False, abort_r, 30.0, impl=impl)
+    err = _receive_fed(bytes(_header(2).numpy()) + bytes(64 + 8), landing, ends, impl)
     assert err == "stream 0: stream header mismatch (the source's state layout or plan differs)"
     assert bool((landing[0] == 7).all())
-    _join(feeder)
-    for fd in (abort_r, abort_w):
-        os.close(fd)
-    a.close()
-    b.close()
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("impl", IMPLS)
 def test_a_source_going_away_mid_stream_fails_the_receiver_at_once(impl):
     pieces, ends = _plan([[1 << 16], [1 << 16]], 6)
-    a, b = _tcp_pair()
-    abort_r, abort_w = os.pipe()
-    # the source dies after half of its first chunk
-    feeder = _run(_feed, a, bytes(_header(1).numpy()) + bytes(1 << 15), True)
     landing = [torch.zeros_like(p) for p in pieces]
-    err = ops.heal_stream([b.fileno()], [landing], [ends], [_header(1)], False, abort_r, 30.0, impl=impl)
+    # the source dies after half of its first chunk
+    err = _receive_fed(bytes(_header(1).numpy()) + bytes(1 << 15), landing, ends, impl, close=True)
     assert err == "stream 0: peer closed the connection"
-    _join(feeder)
-    for fd in (abort_r, abort_w):
-        os.close(fd)
-    b.close()
 
 
 @pytest.mark.timeout(60)

@@ -90,7 +90,8 @@ def test_heal_targets_receive_owned_tensors_in_place_and_repoint_them_on_abandon
     late write can only reach their old storage."""
     from types import SimpleNamespace
 
-    from lococomm.ft.healing import FRESH, OWNED, SHARED, Healer
+    from lococomm.ft.heal_landing import FRESH, OWNED, SHARED, choose_targets
+    from lococomm.ft.healing import Healer
 
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.AdamW(model.parameters(), lr=0.1)
@@ -105,7 +106,7 @@ def test_heal_targets_receive_owned_tensors_in_place_and_repoint_them_on_abandon
     specs = [*snap.specs, TensorSpec("extra.new", "float32", (5,), "cpu")]
     comm = SimpleNamespace(device=torch.device("cpu"), timeout=5.0)
     healer = Healer(comm, None, state, [0], [1], groups=None)  # type: ignore[arg-type]
-    targets, kinds = healer._targets(specs)
+    targets, kinds = choose_targets(state, specs, comm.device)
     kind = {s.path: k for s, k in zip(specs, kinds)}
     assert kind["model.weight"] == SHARED
     assert kind["opt.state.0.exp_avg"] == OWNED and kind["extra.ema"] == OWNED

@@ -104,6 +104,33 @@ def read_exact(
     return data
 
 
+def set_buffers(sock: socket.socket, nbytes: int) -> None:
+    """Send and receive buffers of `nbytes` (the kernel caps them at rmem_max/wmem_max). Set
+    before connect/listen, so the window scale allows them; accepted sockets inherit them."""
+    for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        sock.setsockopt(socket.SOL_SOCKET, option, nbytes)
+
+
+def accept_hello(
+    listener: socket.socket, abort: AbortSignal, deadline: float, what: str
+) -> tuple[socket.socket, object, bytes, int, bytes] | None:
+    """Accept one connection on `listener` and read its 32-byte hello: (connection, peer
+    address, magic, sender rank, nonce), or None if the connection was dropped (logged): a stray connection
+    that sends nothing gets HELLO_SECONDS, so it cannot hold the accept loop. Raises
+    RendezvousError on abort or the deadline while waiting for a connection."""
+    wait_readable(listener, abort, deadline, f"accepting {what}")
+    conn, peer = listener.accept()
+    try:
+        conn.setblocking(True)
+        hello_deadline = min(deadline, time.monotonic() + HELLO_SECONDS)
+        magic, sender, presented = HELLO.unpack(read_exact(conn, HELLO.size, abort, hello_deadline, f"{what} hello"))
+    except (OSError, RendezvousError, struct.error) as e:
+        log.warning("%s: dropped a connection from %s: %s", what, peer, e)
+        conn.close()
+        return None
+    return conn, peer, magic, sender, presented
+
+
 def connect_with_abort(
     address: tuple[str, int],
     abort: AbortSignal,
@@ -124,8 +151,7 @@ def connect_with_abort(
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             if buffer_bytes > 0:
-                for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-                    sock.setsockopt(socket.SOL_SOCKET, option, buffer_bytes)
+                set_buffers(sock, buffer_bytes)
             sock.settimeout(min(remaining, 4 * _SLICE_SECONDS))
             sock.connect(address)
             sock.settimeout(None)
@@ -169,25 +195,12 @@ def connect_ring(
         right = connect_with_abort((right_host, right_port), abort, deadline)
         right.sendall(HELLO.pack(_MAGIC, rank, bytes.fromhex(their_nonce)))
         while True:
-            wait_readable(listener, abort, deadline, f"accepting ring link from rank {left_rank}")
-            conn, peer = listener.accept()
-            try:
-                conn.setblocking(True)
-                # a stray connection that sends nothing must not hold the accept loop
-                hello_deadline = min(deadline, time.monotonic() + HELLO_SECONDS)
-                magic, sender, presented = HELLO.unpack(
-                    read_exact(conn, HELLO.size, abort, hello_deadline)
-                )
-            except (OSError, RendezvousError, struct.error) as e:
-                log.warning("ring link: dropped a connection from %s: %s", peer, e)
-                conn.close()
+            hello = accept_hello(listener, abort, deadline, f"ring link from rank {left_rank}")
+            if hello is None:
                 continue
+            conn, peer, magic, sender, presented = hello
             if magic != _MAGIC or sender != left_rank or presented != nonce:
-                log.warning(
-                    "ring link: refused a connection from %s (not this epoch's rank %d)",
-                    peer,
-                    left_rank,
-                )
+                log.warning("ring link: refused a connection from %s (not this epoch's rank %d)", peer, left_rank)
                 conn.close()
                 continue
             break

@@ -9,9 +9,11 @@ wait immediately instead of after the gloo timeout.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -201,40 +203,28 @@ class EpochGroups:
             if reusable:
                 self._give_back(store, generation)
 
-    def ring_sockets(self, prefix: str, rank: int, size: int, abort: AbortSignal) -> RingSockets:
-        """Connect the native ring's sockets under `prefix` (blocking; on a borrowed client,
-        given back afterwards: the sockets do not use the store once connected)."""
+    @contextlib.contextmanager
+    def _borrowed(self, prefix: str) -> Iterator[Any]:
+        """`prefix` of a borrowed store client, given back afterwards (for rendezvous whose
+        connections do not use the store once made)."""
         store, generation = self._borrow()
         try:
-            return connect_ring(
-                dist.PrefixStore(prefix, store),
-                rank,
-                size,
-                ring_host(self.client.local_address),
-                abort,
-                self.timeout,
-            )
+            yield dist.PrefixStore(prefix, store)
         finally:
             self._give_back(store, generation)
+
+    def ring_sockets(self, prefix: str, rank: int, size: int, abort: AbortSignal) -> RingSockets:
+        """Connect the native ring's sockets under `prefix` (blocking)."""
+        with self._borrowed(prefix) as store:
+            return connect_ring(store, rank, size, ring_host(self.client.local_address), abort, self.timeout)
 
     def heal_links(
         self, prefix: str, rank: int, sources: list[int], receivers: list[int], abort: AbortSignal
     ) -> dict[int, Any]:
-        """Connect this member's heal streams under `prefix` (blocking; on a borrowed client,
-        given back afterwards)."""
-        store, generation = self._borrow()
-        try:
-            return connect_heal_links(
-                dist.PrefixStore(prefix, store),
-                rank,
-                sources,
-                receivers,
-                ring_host(self.client.local_address),
-                abort,
-                self.timeout,
-            )
-        finally:
-            self._give_back(store, generation)
+        """Connect this member's heal streams under `prefix` (blocking)."""
+        with self._borrowed(prefix) as store:
+            host = ring_host(self.client.local_address)
+            return connect_heal_links(store, rank, sources, receivers, host, abort, self.timeout)
 
     def build(self, info: EpochInfo, abort: AbortSignal) -> tuple[Any, str | None]:
         """The epoch's cross-replica group (None for a group of one), or why it failed."""

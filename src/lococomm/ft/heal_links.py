@@ -25,20 +25,18 @@ import json
 import logging
 import os
 import socket
-import struct
 import time
 
 from lococomm.collectives.abort import AbortSignal, wait_store_keys
 from lococomm.collectives.ring_sockets import (
     HELLO,
-    HELLO_SECONDS,
     RendezvousError,
+    accept_hello,
     close_quietly,
     connect_with_abort,
-    read_exact,
+    set_buffers,
     split_host_port,
     tune,
-    wait_readable,
 )
 
 log = logging.getLogger(__name__)
@@ -46,15 +44,8 @@ log = logging.getLogger(__name__)
 MAGIC = b"LCHEAL01"  # bump whenever the heal stream format changes
 # Socket buffers of a heal link, bytes: a fresh connection's autotuned buffers start at
 # 128 KiB and grow over the first megabytes, which a 10 MB heal notices (3.3 -> 2.7 ms on
-# loopback, measured). Set before connect/listen so the window scale allows them.
+# loopback, measured).
 BUFFER_BYTES = 4 << 20
-
-
-def _sized_socket(family: int) -> socket.socket:
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-        sock.setsockopt(socket.SOL_SOCKET, option, BUFFER_BYTES)  # the kernel caps it (rmem_max)
-    return sock
 
 
 def connect_heal_links(
@@ -93,7 +84,8 @@ def _accept_receivers(
 ) -> dict[int, socket.socket]:
     nonce = os.urandom(16)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    listener = _sized_socket(family)  # accepted connections inherit its buffer sizes
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    set_buffers(listener, BUFFER_BYTES)  # accepted connections inherit them
     links: dict[int, socket.socket] = {}
     try:
         listener.bind((host, 0))
@@ -101,19 +93,10 @@ def _accept_receivers(
         port = listener.getsockname()[1]
         store.set(f"heal/links/{rank}", f"{host}:{port}/{nonce.hex()}")  # type: ignore[attr-defined]
         while len(links) < len(receivers):
-            wait_readable(listener, abort, deadline, "accepting heal links")
-            conn, peer = listener.accept()
-            try:
-                conn.setblocking(True)
-                # a stray connection that sends nothing must not hold the accept loop
-                hello_deadline = min(deadline, time.monotonic() + HELLO_SECONDS)
-                magic, sender, presented = HELLO.unpack(
-                    read_exact(conn, HELLO.size, abort, hello_deadline, "heal link hello")
-                )
-            except (OSError, RendezvousError, struct.error) as e:
-                log.warning("heal link: dropped a connection from %s: %s", peer, e)
-                conn.close()
+            hello = accept_hello(listener, abort, deadline, "heal link")
+            if hello is None:
                 continue
+            conn, peer, magic, sender, presented = hello
             if magic != MAGIC or presented != nonce or sender not in receivers or sender in links:
                 log.warning("heal link: refused a connection from %s (not a receiver of this heal)", peer)
                 conn.close()

@@ -53,7 +53,7 @@ from lococomm import ops
 from lococomm.collectives.abort import AbortSignal, wait_store_keys
 from lococomm.collectives.communicator import Communicator
 from lococomm.collectives.ring_sockets import close_quietly
-from lococomm.ft.heal_landing import FRESH, OWNED, SHARED, Landing, choose_targets
+from lococomm.ft.heal_landing import FRESH, OWNED, SHARED, Landing
 from lococomm.ft.state import ReplicatedState, TensorSpec
 
 log = logging.getLogger(__name__)
@@ -196,13 +196,17 @@ def streams_enabled(backend: str) -> bool:
     return backend == "gloo" and os.environ.get("LOCOCOMM_HEAL_STREAMS", "1") != "0"
 
 
-def stream_header(meta: dict, stream: int, chunks: int, nbytes: int) -> torch.Tensor:
-    """The 40-byte header opening the heal stream of the `stream`-th source (magic, stream,
-    chunk count, byte count, a hash of the layout: specs, chunk size, sources). A receiver
-    reads no data from a stream whose header differs from the one it computes itself."""
+def layout_hash(meta: dict) -> int:
+    """A signed 64-bit hash of what a heal's streams carry: specs, chunk size, sources."""
     layout = json.dumps([meta["specs"], meta["chunk_bytes"], meta["sources"]], sort_keys=True)
-    digest = hashlib.blake2b(layout.encode(), digest_size=8).digest()
-    words = [STREAM_MAGIC, stream, chunks, nbytes, int.from_bytes(digest, "little", signed=True)]
+    return int.from_bytes(hashlib.blake2b(layout.encode(), digest_size=8).digest(), "little", signed=True)
+
+
+def stream_header(layout: int, stream: int, chunks: int, nbytes: int) -> torch.Tensor:
+    """The 40-byte header opening the heal stream of the `stream`-th source (magic, stream,
+    chunk count, byte count, `layout_hash`). A receiver reads no data from a stream whose
+    header differs from the one it computes itself."""
+    words = [STREAM_MAGIC, stream, chunks, nbytes, layout]
     return torch.tensor(words, dtype=torch.int64).view(torch.uint8)
 
 
@@ -419,17 +423,13 @@ class Healer:
     # ------------------------------------------------------------------ receiver side
     def _as_receiver(self) -> None:
         t0 = time.monotonic()
-        prepared = None
-        if self.landing is not None:  # metadata and targets made ready while the group formed
-            try:
-                prepared = self.landing.wait(self.deadline)
-            except RuntimeError as e:
-                raise HealError(str(e)) from e
-            meta, specs = prepared[0], prepared[1]
-        else:
-            wait_key(self.store, "heal/meta", self.comm.abort, self.deadline)
-            meta = json.loads(self.store.get("heal/meta"))
-            specs = [TensorSpec.from_json(item) for item in meta["specs"]]
+        if self.landing is None:  # (the manager starts it while the epoch group forms)
+            timeout = max(0.0, self.deadline - t0)
+            self.landing = Landing(self.store, self.state, self.comm.device, self.comm.abort, timeout)
+        try:
+            meta, specs, targets, kinds = self.landing.wait(self.deadline)
+        except RuntimeError as e:
+            raise HealError(str(e)) from e
         sources = meta["sources"]
         if not sources:
             raise HealError("no source to heal from")
@@ -440,7 +440,6 @@ class Healer:
         t1 = time.monotonic()
         groups = self.groups.wait(self.deadline)
         t2 = time.monotonic()
-        targets, kinds = prepared[2:] if prepared is not None else self._targets(specs)
         chunks = plan_chunks(specs, meta["chunk_bytes"])
         if self.groups.streams:
             self._receive_streams(meta, specs, chunks, targets, kinds, groups[LINKS], (t0, t1, t2))
@@ -450,7 +449,7 @@ class Healer:
         landing = [t.view(torch.uint8) if t.dtype == torch.bool else t for t in targets]
         views = [t.detach().reshape(-1).view(torch.uint8) for t in landing]
         # A chunk that is one piece of a fresh or an owned tensor is received straight into it;
-        # everything else lands in a private staging buffer first (see _targets).
+        # everything else lands in a private staging buffer first (see heal_landing.choose_targets).
         direct = [
             len(chunk) == 1 and kinds[chunk[0].tensor] != SHARED
             and landing[chunk[0].tensor].device == self.comm.device
@@ -542,7 +541,7 @@ class Healer:
             pieces.extend(views[seg.tensor][seg.start : seg.end] for seg in chunks[index])  # type: ignore[index]
             ends.append(len(pieces))
         nbytes = sum(p.numel() for p in pieces)
-        header = stream_header(meta, meta["sources"].index(self.comm.rank), len(mine), nbytes)
+        header = stream_header(layout_hash(meta), meta["sources"].index(self.comm.rank), len(mine), nbytes)
         log.info(
             "heal: sending %d of %d chunks (%d of %d bytes) to ranks %s over TCP streams",
             len(mine),
@@ -589,8 +588,9 @@ class Healer:
             k = index % len(sources)
             pieces[k].extend(views[seg.tensor][seg.start : seg.end] for seg in chunk)
             ends[k].append(len(pieces[k]))
+        layout = layout_hash(meta)
         headers = [
-            stream_header(meta, k, len(ends[k]), sum(p.numel() for p in pieces[k])) for k in range(len(sources))
+            stream_header(layout, k, len(ends[k]), sum(p.numel() for p in pieces[k])) for k in range(len(sources))
         ]
         # The bytes land in the live tensors: a transfer that fails half-way leaves this
         # member's state a mix of old and new (the manager stops offering it as a source).
@@ -627,13 +627,6 @@ class Healer:
         log.info("heal phases (ms): %s", {k: round(v, 1) for k, v in self.phases.items()})
 
     # ------------------------------------------------------------------ helpers
-    def _targets(self, specs: list[TensorSpec]) -> tuple[list[torch.Tensor], list[str]]:
-        """`heal_landing.choose_targets` for this member. Over broadcasts, OWNED and FRESH
-        tensors are received straight from the wire (an abandoned receive re-points OWNED ones,
-        so a late write of a zombie receive lands in the old storage) and SHARED ones through
-        staging; over streams every kind is written in place (nothing writes after the call)."""
-        return choose_targets(self.state, specs, self.comm.device)
-
     def _repoint(self, tensors: list[torch.Tensor]) -> None:
         """Move owned tensors that an abandoned receive may still write into onto new storage
         (their contents were being replaced anyway; the heal is retried in the next epoch).

@@ -732,10 +732,9 @@ class Manager:
                     self._damaged = True
                     log.warning("this member's state holds a partial transfer; healing again")
                 raise
-            if self.replica_id in info.receivers:
-                self._damaged = False
             seconds = time.monotonic() - started
             if self.replica_id in info.receivers:
+                self._damaged = False
                 self.metrics.heal_seconds = seconds
                 self.metrics.heal_bytes = healer.bytes_moved
                 self.metrics.heal_from_plan_seconds = time.monotonic() - heal.started

@@ -590,6 +590,18 @@ class _RingStop(Exception):
         self.reason = reason
 
 
+def _wait_sockets(abort_fd: int, readers: list[int], writers: list[int], seconds: float) -> bool:
+    """One wait of the reference executors (as csrc/poll_wait.h): poll(2) up to `seconds` (at
+    most 0.1) until a socket may be ready; True if the abort pipe became readable."""
+    poller = select.poll()
+    poller.register(abort_fd, select.POLLIN)
+    for fd in readers:
+        poller.register(fd, select.POLLIN)
+    for fd in writers:
+        poller.register(fd, select.POLLOUT)
+    return any(fd == abort_fd for fd, _ in poller.poll(min(seconds, 0.1) * 1e3))
+
+
 def _recv_some(fd: int, view: memoryview, peer: str = "left neighbour") -> int:
     """Bytes read into `view` (0: nothing there yet); _RingStop on EOF or an error (texts as
     the kernels': the ring names its left neighbour, a heal stream no one)."""
@@ -715,15 +727,10 @@ def ring_allreduce(
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return "timed out waiting for peers"
-            poller = select.poll()
-            poller.register(abort_fd, select.POLLIN)
-            if header_in < len(theirs) or (checked and recv_i < len(rows_in)):
-                poller.register(left_fd, select.POLLIN)
-            if header_out < len(mine) or send_ready():
-                poller.register(right.fileno(), select.POLLOUT)
-            for fd, _ in poller.poll(min(remaining, 0.1) * 1e3):
-                if fd == abort_fd:
-                    return "aborted"
+            reading = header_in < len(theirs) or (checked and recv_i < len(rows_in))
+            writing = header_out < len(mine) or send_ready()
+            if _wait_sockets(abort_fd, [left_fd] if reading else [], [right.fileno()] if writing else [], remaining):
+                return "aborted"
         return ""
     except _RingStop as stop:
         return stop.reason
@@ -891,14 +898,9 @@ def heal_stream(
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return "timed out"
-            poller = select.poll()
-            poller.register(abort_fd, select.POLLIN)
-            for s in streams:
-                if not s.done():
-                    poller.register(s.fd, select.POLLOUT if sending else select.POLLIN)
-            for fd, _ in poller.poll(min(remaining, 0.1) * 1e3):
-                if fd == abort_fd:
-                    return "aborted"
+            waiting = [s.fd for s in streams if not s.done()]
+            if _wait_sockets(abort_fd, [] if sending else waiting, waiting if sending else [], remaining):
+                return "aborted"
     finally:
         for sock in socks:
             sock.close()
