@@ -1,5 +1,6 @@
 """A heal receiver's landing (ft/heal_landing.py): targets chosen from the metadata on a helper
-thread, fresh memory paged in without ever being written."""
+thread, fresh memory paged in without ever being written, and the landed marks the members
+wait for before hashing the healed state."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch.distributed as dist
 
 from lococomm.collectives.abort import AbortSignal
 from lococomm.ft.heal_landing import FRESH, OWNED, SHARED, Landing, populate
+from lococomm.ft.healing import mark_landed, wait_landed
 from lococomm.ft.state import ReplicatedState, TensorSpec
 
 
@@ -60,3 +62,23 @@ def test_landing_gives_up_on_abort():
     threading.Timer(0.2, abort.abort, ("epoch given up",)).start()
     with pytest.raises(RuntimeError, match="aborted"):
         landing.wait(float("inf"))
+
+
+@pytest.mark.timeout(30)
+def test_members_wait_for_every_receiver_to_land():
+    # the up-to-date members hold their post-heal digest until the receivers' states are in
+    store = dist.HashStore()
+    abort = AbortSignal()
+    results: list[str | None] = []
+    waiter = threading.Thread(target=lambda: results.append(wait_landed(store, [1, 3], abort, 20.0)))
+    waiter.start()
+    mark_landed(store, 1)
+    waiter.join(0.3)
+    assert waiter.is_alive()  # receiver 3 is still landing
+    mark_landed(store, 3)
+    waiter.join(10)
+    assert not waiter.is_alive() and results == [None]
+    # bounded: a receiver that never lands ends the wait at the timeout, an abort at once
+    assert "timed out" in (wait_landed(store, [2], abort, 0.2) or "")
+    abort.abort("member gone")
+    assert wait_landed(store, [2], abort, 20.0) == "aborted: member gone"

@@ -23,6 +23,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,6 +101,9 @@ class _EpochContext:
     abort: AbortSignal
     comm: Communicator | None = None
     commits: int = 0
+    # a member that healed others: waits (seconds bound) until the receivers have landed,
+    # before the first commit hashes the state (Healer.wait_landed)
+    wait_healed: Callable[[float], None] | None = None
 
 
 @dataclass
@@ -396,6 +400,9 @@ class Manager:
                 "info": {**self._report, "bytes": self._bytes_sent_total(), "step": self._step},
             }
             if self._failure is None and self._parity_due(ctx):
+                if ctx.wait_healed is not None:
+                    ctx.wait_healed, wait = None, ctx.wait_healed
+                    wait(self.timeout)
                 digest, per_tensor, self._digest_paths = self._state.digest()
                 vote["digest"] = digest
                 vote["tensor_digests"] = per_tensor[:_MAX_TENSOR_DIGESTS]
@@ -733,7 +740,9 @@ class Manager:
                     log.warning("this member's state holds a partial transfer; healing again")
                 raise
             seconds = time.monotonic() - started
-            if self.replica_id in info.receivers:
+            if self.replica_id not in info.receivers:
+                ctx.wait_healed = healer.wait_landed
+            else:
                 self._damaged = False
                 self.metrics.heal_seconds = seconds
                 self.metrics.heal_bytes = healer.bytes_moved
