@@ -126,10 +126,19 @@ def test_named_sources_outside_the_plan_are_refused():
         connect_heal_links(store, 9, [0], [1], "127.0.0.1", AbortSignal(), 5.0)
 
 
-def test_stream_sources_spread_large_states_only():
+def test_stream_sources_spread_large_states_only_and_over_hosts():
     mib = 1 << 20
     assert stream_sources([2, 0, 1], 10 * mib) == [0]
     assert stream_sources([2, 0, 1], 64 * mib) == [0]
     assert stream_sources([2, 0, 1], 65 * mib) == [0, 1]
     assert stream_sources([2, 0, 1], 10_000 * mib) == [0, 1, 2]
     assert stream_sources([3], 0) == [3]
+    # one source per host: same-host sources share its cores and NIC
+    one_host = {0: "10.0.0.1", 1: "10.0.0.1", 2: "10.0.0.1"}
+    assert stream_sources([2, 0, 1], 10_000 * mib, one_host) == [0]
+    two_hosts = {0: "10.0.0.1", 1: "10.0.0.1", 2: "10.0.0.2", 3: "10.0.0.2", 4: "10.0.0.3"}
+    assert stream_sources([4, 3, 2, 1, 0], 10_000 * mib, two_hosts) == [0, 2, 4]
+    assert stream_sources([4, 3, 2, 1, 0], 100 * mib, two_hosts) == [0, 2]
+    assert stream_sources([4, 3, 2, 1, 0], 10 * mib, two_hosts) == [0]
+    # a source that did not say where it is counts as a host of its own
+    assert stream_sources([0, 1, 2], 10_000 * mib, {0: "a", 1: "", 2: "a"}) == [0, 1]

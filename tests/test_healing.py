@@ -74,8 +74,11 @@ def test_source_killed_during_transfer_joiner_heals_from_another(workers, coordi
     # source dying mid-transfer at a known point); the gloo broadcasts are slow enough to be
     # caught in flight.
     stall = ("--stall-heal-after-chunks", "1") if transport == "streams" else ()
+    # Each worker on a loopback address of its own, as on three hosts: the 384 MB are spread
+    # over the sources (one per host), so w1 is one of them.
     for i in range(3):
-        _heal_worker(workers, coordinator, f"w{i}", *big, *(stall if i == 1 else ()), env=env)
+        host = {"LOCOCOMM_GLOO_HOST": f"127.0.0.{i + 1}"}
+        _heal_worker(workers, coordinator, f"w{i}", *big, *(stall if i == 1 else ()), env={**env, **host})
     workers.wait_for(lambda: len(workers.records("w0", "step")) >= 3, 90, "training")
     _heal_worker(workers, coordinator, "w3", *big, env=env)
     ready = "stalled after 1 chunk(s) (sent)" if transport == "streams" else "sending"

@@ -192,6 +192,15 @@ def test_bad_configuration_is_refused(bad):
         QuorumState(**bad)
 
 
+def test_epoch_plan_says_where_each_member_is():
+    state = QuorumState(heartbeat_timeout=1.0)
+    state.register(0, "r0", 0, 1, 0, 0, [], now=0.8, host="10.0.0.1")
+    state.register(1, "r1", 0, 1, 0, 0, [], now=0.8)  # an older worker: no host
+    epochs = sends(form(state, [0, 1]), "epoch")
+    assert len(epochs) == 2
+    assert all(a.message["hosts"] == {"r0": "10.0.0.1", "r1": ""} for a in epochs)
+
+
 def test_state_regression_is_refused_until_the_job_completes_gracefully():
     state = make(2)
     form(state, [0, 1])

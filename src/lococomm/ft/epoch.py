@@ -14,7 +14,7 @@ import logging
 import os
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -43,6 +43,7 @@ class EpochInfo:
     sources: tuple[str, ...] = ()  # members this group heals from (up to date, verified)
     receivers: tuple[str, ...] = ()  # members that must be healed before the first step
     healed: bool = False  # some group of this epoch heals: its first commit checks parity
+    hosts: dict[str, str] = field(default_factory=dict)  # member -> host it said it is on
 
     @classmethod
     def from_message(cls, msg: dict[str, Any]) -> EpochInfo:
@@ -59,6 +60,7 @@ class EpochInfo:
             sources=tuple(msg.get("sources", ())),
             receivers=tuple(msg.get("receivers", ())),
             healed=bool(msg.get("healed", False)),
+            hosts={str(k): str(v) for k, v in msg.get("hosts", {}).items()},
         )
 
     def ranks_of(self, replicas: tuple[str, ...]) -> list[int]:

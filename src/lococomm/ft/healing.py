@@ -114,14 +114,31 @@ def chunk_nbytes(chunk: list[Segment]) -> int:
     return sum(s.end - s.start for s in chunk)
 
 
-def stream_sources(sources: list[int], state_bytes: int, spread_bytes: int = SPREAD_BYTES) -> list[int]:
+def stream_sources(
+    sources: list[int], state_bytes: int, hosts: dict[int, str] | None = None, spread_bytes: int = SPREAD_BYTES
+) -> list[int]:
     """The sources a state of `state_bytes` streams from (TCP streams): one per `spread_bytes`
-    of state, at least one, the lowest ranks first. A small state comes from one source: every
-    further one is another process that must be scheduled at the same moment (on a loaded
-    machine they start milliseconds apart, longer than a 10 MB transfer takes); a large one
-    is spread, so no single source's uplink limits the heal."""
+    of state, at least one, each on a host of its own (`hosts`: rank -> host; unknown or ""
+    counts as a host of its own), the lowest ranks first.
+
+    A small state comes from one source: every further one is another process that must be
+    scheduled at the same moment (on a loaded machine they start milliseconds apart, longer
+    than a 10 MB transfer takes). A large one is spread over hosts, so no single uplink limits
+    the heal; two sources on one host share its cores and NIC and gain nothing (measured here,
+    1 GB over loopback: one source 0.22-0.24 s, two on the same host 0.28-0.31 s)."""
     wanted = max(1, -(-state_bytes // spread_bytes))
-    return sorted(sources)[: min(len(sources), wanted)]
+    hosts = hosts or {}
+    chosen: list[int] = []
+    seen: set[str] = set()
+    for rank in sorted(sources):
+        host = hosts.get(rank, "")
+        if host and host in seen:
+            continue
+        seen.add(host)
+        chosen.append(rank)
+        if len(chosen) == wanted:
+            break
+    return chosen
 
 
 def publish_meta(store: Any, snapshot: Any, sources: list[int], max_chunk_bytes: int = CHUNK_BYTES) -> dict:

@@ -35,7 +35,7 @@ from lococomm.collectives.abort import AbortSignal
 from lococomm.collectives.buffers import BufferPool, Graveyard
 from lococomm.collectives.communicator import Communicator, Handle
 from lococomm.collectives.stats import accumulate as accumulate_stats
-from lococomm.ft.epoch import EpochGroups, EpochInfo
+from lococomm.ft.epoch import EpochGroups, EpochInfo, ring_host
 from lococomm.ft.heal_landing import Landing
 from lococomm.ft.healing import (
     STREAM_CHUNK_BYTES,
@@ -605,11 +605,13 @@ class Manager:
             return True
         return self.parity_every > 0 and self._step > 0 and self._step % self.parity_every == 0
 
-    def _registration(self) -> dict[str, Any]:
+    def _registration(self, local_address: str) -> dict[str, Any]:
+        """The register message's fields, on a connection leaving from `local_address`."""
         return {
             "step": self._step,
             "last_epoch": self._last_epoch,
             "last_members": self._last_members,
+            "host": ring_host(local_address),  # where this member's heal links listen
         }
 
     def _on_abort(self, epoch: int | None, reason: str) -> None:
@@ -683,7 +685,9 @@ class Manager:
         if info.rank == min(sources):
             snapshot = self._state.snapshot()
             if streams:
-                meta = publish_meta(store, snapshot, stream_sources(sources, snapshot.nbytes), STREAM_CHUNK_BYTES)
+                hosts = {rank: info.hosts.get(r, "") for rank, r in zip(sources, info.sources)}
+                used = stream_sources(sources, snapshot.nbytes, hosts)
+                meta = publish_meta(store, snapshot, used, STREAM_CHUNK_BYTES)
             else:
                 meta = publish_meta(store, snapshot, sources)
             published = (snapshot, meta)  # (publish_meta raises HealError if the store is gone)

@@ -33,7 +33,7 @@ class CoordinatorSession:
         group_rank: int,
         group_world_size: int,
         token: str | None,
-        registration: Callable[[], dict[str, Any]],
+        registration: Callable[[str], dict[str, Any]],
         on_abort: Callable[[int | None, str], None],
         connect_timeout: float,
         reconnect_timeout: float,

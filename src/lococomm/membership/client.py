@@ -54,7 +54,7 @@ class CoordinatorClient:
         group_rank: int,
         group_world_size: int,
         token: str | None,
-        registration: Callable[[], dict[str, Any]],
+        registration: Callable[[str], dict[str, Any]],
         on_message: Callable[[dict[str, Any]], None],
         on_connection_change: Callable[[str], None],
         connect_timeout: float = 60.0,
@@ -149,7 +149,9 @@ class CoordinatorClient:
                 "group_rank": self.group_rank,
                 "group_world_size": self.group_world_size,
                 "client_nonce": client_nonce,
-                **self._registration(),
+                # (the address this connection leaves from: a worker reports the host its
+                # peers reach it at, e.g. for heals spread over sources on distinct hosts)
+                **self._registration(sock.getsockname()[0]),
             }
             if self.token:
                 message["mac"] = wire.worker_mac(self.token, hello["nonce"], client_nonce)

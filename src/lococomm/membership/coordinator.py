@@ -334,6 +334,9 @@ class Coordinator:
         group_world_size = _int(msg, "group_world_size")
         if not 1 <= group_world_size <= 65536:
             raise wire.ProtocolError(f"group_world_size {group_world_size} out of range")
+        host = _str(msg, "host", "")
+        if len(host) > 255:
+            raise wire.ProtocolError("host must be a string of <= 255 characters")
         conn.registered = True
         with self._lock:
             actions = self.state.register(
@@ -345,6 +348,7 @@ class Coordinator:
                 _int(msg, "last_epoch", 0),
                 _str_list(msg, "last_members"),
                 now,
+                host,
             )
         for action in actions:
             if isinstance(action, Send) and action.message["type"] == "welcome":

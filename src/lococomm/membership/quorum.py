@@ -72,6 +72,7 @@ class Worker:
     requested_at: float = 0.0
     epoch: int | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    host: str = ""  # where its peers reach it (heals spread over sources on distinct hosts)
 
 
 @dataclass
@@ -157,8 +158,10 @@ class QuorumState:
         last_epoch: int,
         last_members: list[str],
         now: float,
+        host: str = "",
     ) -> list[Action]:
-        """A connection authenticated and asked to join. Returns the welcome (or refusal)."""
+        """A connection authenticated and asked to join (`host`: where its peers reach it, ""
+        if it did not say). Returns the welcome (or refusal)."""
         actions: list[Action] = []
         if not 0 <= group_rank < group_world_size:
             return [Close(conn, f"group_rank {group_rank} outside [0, {group_world_size})")]
@@ -188,6 +191,7 @@ class QuorumState:
             last_members=list(last_members),
             registered_at=now,
             last_seen=now,
+            host=host,
         )
         self.workers[conn] = worker
         self.epoch_counter = max(self.epoch_counter, last_epoch)
@@ -609,6 +613,7 @@ class QuorumState:
                             "max_step": max_step,
                             "sources": sources,
                             "receivers": receivers,
+                            "hosts": {r: replicas[r][g].host if g in replicas[r] else "" for r in group},
                             "healed": healed,
                         },
                     )
