@@ -2,7 +2,8 @@
 
 For each state kind and size two up-to-date members hold a state (`make_state`: a plain dict
 with one big fp32 tensor, or a model with its AdamW state); a third, fresh member joins and is
-healed (metadata, chunked transfer spread over both sources, per-chunk checksums, load). The
+healed (metadata, chunked transfer, per-chunk checksums, load; both members run on this one
+host, so one of them streams: `healing.stream_sources` spreads over hosts). The
 baseline is a plain ProcessGroupGloo broadcast of the nominal size from one process to one
 other (the joiner's side of the transfer), measured in the same run: before each heal a fresh
 pair of processes broadcasts 3 times (interleaved with the heals, so a noisy minute hits both).
