@@ -24,6 +24,7 @@ included; `phases_ms` splits the joiner's heal (metadata wait, heal-group wait, 
 checksum verification, load).
 
     .venv/bin/python benchmarks/heal.py [--sizes-mb 10 100 1000] [--states blob model_adam]
+        [--hosts one|distinct] [--repeats 3] [--chaos SPEC|none]
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import argparse
 import json
 import mmap
 import multiprocessing as mp
+import os
 import socket
 import statistics
 import time
@@ -104,6 +106,8 @@ def heal_member(index: int, address: str, kind: str, nbytes: int, steps: int, qu
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("lococomm.ft.healing").setLevel(logging.INFO)
     torch.set_num_threads(1)
+    if os.environ.get("HEAL_BENCH_HOSTS") == "distinct":  # each member on a loopback address of its own
+        os.environ["LOCOCOMM_GLOO_HOST"] = f"127.0.0.{index + 1}"
     state = make_state(kind, nbytes, index)
     manager = lc.Manager(address, replica_id=f"m{index}", timeout=120, state=state, parity_every=0)
     while manager.step < steps:
@@ -243,10 +247,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="heals per size, each after a fresh raw-broadcast pair")
     parser.add_argument("--chaos", default="kill:1@40,stop:2@80-100,join@130,coordinator-restart@170,leave:3@210")
     parser.add_argument("--chaos-steps", type=int, default=250)
+    parser.add_argument(
+        "--hosts",
+        choices=["one", "distinct"],
+        default="one",
+        help="distinct: each heal member on a loopback address of its own, as on separate hosts "
+        "(a large state is then spread over both sources)",
+    )
     args = parser.parse_args()
+    os.environ["HEAL_BENCH_HOSTS"] = args.hosts
     for kind in args.states:
         for mb in args.sizes_mb:
-            print(json.dumps(bench(kind, int(mb * 1e6) // 4 * 4, args.repeats)), flush=True)
+            line = bench(kind, int(mb * 1e6) // 4 * 4, args.repeats)
+            print(json.dumps({**line, "hosts": args.hosts}), flush=True)
     if args.chaos != "none":
         for line in chaos_mttr(args.chaos, args.chaos_steps):
             print(json.dumps(line), flush=True)
