@@ -98,10 +98,17 @@ def populate(tensor: torch.Tensor, stop: Callable[[], bool] = lambda: False) -> 
 
 class Landing:
     """A receiver's heal metadata and targets, prepared on a helper thread from the moment the
-    epoch plan is known (see the module docstring). `wait` hands them over."""
+    epoch plan is known (see the module docstring), with whatever `prepare` builds from them
+    (`prepared`). `wait` hands them over."""
 
     def __init__(
-        self, store: Any, state: ReplicatedState, device: torch.device, abort: AbortSignal, timeout: float
+        self,
+        store: Any,
+        state: ReplicatedState,
+        device: torch.device,
+        abort: AbortSignal,
+        timeout: float,
+        prepare: Callable[[dict, list[TensorSpec], list[torch.Tensor]], Any] | None = None,
     ) -> None:
         self._store = store
         self._state = state
@@ -114,6 +121,9 @@ class Landing:
         self.seconds = 0.0  # the preparation's own duration (metadata, targets)
         self.populate_seconds = 0.0  # until fresh memory was paged in (0: not yet)
         self.finished = False  # set by the heal when its transfer is over: stop paging in
+        # prepare(meta, specs, targets), run here too (e.g. the receive streams' plan)
+        self._prepare = prepare
+        self.prepared: Any = None
         threading.Thread(target=self._run, daemon=True, name="lococomm-heal-landing").start()
 
     def _run(self) -> None:
@@ -126,6 +136,8 @@ class Landing:
             meta = json.loads(self._store.get("heal/meta"))
             specs = [TensorSpec.from_json(item) for item in meta["specs"]]
             targets, kinds = choose_targets(self._state, specs, self._device)
+            if self._prepare is not None:
+                self.prepared = self._prepare(meta, specs, targets)
             self._result = (meta, specs, targets, kinds)
         except Exception as e:  # reported to the heal, which fails the epoch
             self._error = f"preparing the heal: {type(e).__name__}: {e}"

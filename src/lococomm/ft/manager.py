@@ -39,10 +39,13 @@ from lococomm.ft.epoch import EpochGroups, EpochInfo, ring_host
 from lococomm.ft.heal_landing import Landing
 from lococomm.ft.healing import (
     STREAM_CHUNK_BYTES,
+    Background,
     Healer,
     HealError,
     HealGroups,
     publish_meta,
+    receive_plan,
+    send_plan,
     stream_sources,
     streams_enabled,
 )
@@ -115,6 +118,7 @@ class _HealStart:
     published: tuple[Any, dict] | None  # (snapshot, meta) on the primary source
     started: float  # time.monotonic() when the epoch plan arrived
     landing: Landing | None = None  # a receiver's metadata and targets, prepared meanwhile
+    prepared_send: Background | None = None  # the primary source's stream plan, built meanwhile
 
 
 class Manager:
@@ -682,12 +686,17 @@ class Manager:
         store = dist.PrefixStore(f"{prefix}/heal", self._groups.store())
         streams = streams_enabled(self._groups.backend)
         published = None
+        prepared_send = None
         if info.rank == min(sources):
             snapshot = self._state.snapshot()
             if streams:
                 hosts = {rank: info.hosts.get(r, "") for rank, r in zip(sources, info.sources)}
                 used = stream_sources(sources, snapshot.nbytes, hosts)
                 meta = publish_meta(store, snapshot, used, STREAM_CHUNK_BYTES)
+                if info.rank in used:  # its stream's pieces and header, built meanwhile
+                    prepared_send = Background(
+                        functools.partial(send_plan, snapshot, meta, info.rank), "lococomm-heal-send-plan"
+                    )
             else:
                 meta = publish_meta(store, snapshot, sources)
             published = (snapshot, meta)  # (publish_meta raises HealError if the store is gone)
@@ -707,8 +716,9 @@ class Manager:
         )
         landing = None
         if info.rank in receivers:
-            landing = Landing(store, self._state, self.device, ctx.abort, self.timeout)
-        return _HealStart(groups, store, published, started, landing)
+            prepare = receive_plan if streams else None
+            landing = Landing(store, self._state, self.device, ctx.abort, self.timeout, prepare)
+        return _HealStart(groups, store, published, started, landing, prepared_send)
 
     def _heal(self, ctx: _EpochContext, heal: _HealStart | None) -> None:
         """Run this epoch's healing plan; afterwards every member is at the epoch's step."""
@@ -732,6 +742,7 @@ class Manager:
                 heal.groups,
                 published=heal.published,
                 landing=heal.landing,
+                prepared_send=heal.prepared_send,
             )
             try:
                 healer.run()
