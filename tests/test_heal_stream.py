@@ -264,3 +264,53 @@ def test_a_chunk_of_more_pieces_than_iov_max_goes_through(send_impl):
         os.close(fd)
     a.close()
     b.close()
+
+
+@pytest.mark.timeout(60)
+def test_send_and_receive_plans_describe_the_same_streams():
+    # healing.send_plan (each source) and receive_plan (the receiver) are built apart, on
+    # different processes' helper threads; their streams must match byte for byte.
+    from lococomm.ft.healing import Background, receive_plan, send_plan
+    from lococomm.ft.state import ReplicatedState
+
+    def state(seed: int) -> ReplicatedState:
+        g = torch.Generator().manual_seed(seed)
+        s = ReplicatedState()
+        s.register(
+            "t",
+            {
+                "big": torch.randn(300_001, generator=g),  # split over chunks
+                "flags": torch.rand(1001, generator=g) > 0.5,  # bool travels as uint8
+                "small": torch.randint(0, 9, (13,), generator=g, dtype=torch.int16),
+                "empty": torch.zeros(0),
+            },
+        )
+        return s
+
+    source, joiner = state(1), state(2)
+    snap = source.snapshot()
+    meta = {"specs": [s.to_json() for s in snap.specs], "sources": [3, 5], "chunk_bytes": 256 << 10}
+    plans = [Background(lambda r=r: send_plan(snap, meta, r), "test").result() for r in (3, 5)]
+    own = joiner.snapshot()
+    recv = receive_plan(meta, own.specs, own.tensors)
+    assert [p.header.tolist() for p in plans] == [h.tolist() for h in recv.headers]
+    pairs = [_tcp_pair() for _ in plans]
+    abort_r, abort_w = os.pipe()
+    errors: list[str] = []
+
+    def source(plan, sock) -> None:
+        errors.append(ops.heal_stream([sock.fileno()], [plan.pieces], [plan.ends], [plan.header], True, abort_r, 30.0))
+
+    threads = [_run(source, p, a) for p, (a, _) in zip(plans, pairs)]
+    err = ops.heal_stream([b.fileno() for _, b in pairs], recv.pieces, recv.ends, recv.headers, False, abort_r, 30.0)
+    _join(*threads)
+    assert err == "" and errors == ["", ""]
+    for s, mine, theirs in zip(snap.specs, own.tensors, snap.tensors):
+        assert torch.equal(mine, theirs), s.path
+    for a, b in pairs:
+        a.close()
+        b.close()
+    os.close(abort_r)
+    os.close(abort_w)
+    with pytest.raises(ZeroDivisionError):
+        Background(lambda: 1 // 0, "test").result()
