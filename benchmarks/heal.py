@@ -10,9 +10,8 @@ pair of processes broadcasts 3 times (interleaved with the heals, so a noisy min
 `ratio_to_raw` compares the medians' achieved GB/s against the pairs' 2nd and 3rd broadcasts
 (warm), `ratio_to_raw_best` the bests' (min over runs): a single 10 MB transfer here varies 2-10
 ms from run to run (the model_adam state is within 1 % of the nominal size).
-`raw_broadcast_first_s` / `ratio_to_raw_first`: the pairs' first broadcasts; a heal is always
-its joiner's first transfer, and on this VM a process's first ~64 MB over TCP are slow (a 1 GB
-stream: ~0.1 s more the first time, gone after a 64 MB warm-up on the same link).
+`raw_broadcast_first_s` / `ratio_to_raw_first`: the pairs' first broadcasts (a heal is always
+its joiner's first transfer; gloo's first broadcast is not measurably slower than its next).
 `raw_broadcast_fresh_s` / `ratio_to_raw_fresh`: the same broadcast into memory the receiver has
 never written, what a joiner lacking part of the state
 (e.g. AdamW's moments) receives into.
@@ -192,7 +191,7 @@ def bench(kind: str, nbytes: int, repeats: int) -> dict:
         "ratio_to_raw": round((moved / heal_s) / (nbytes / raw_s), 3),
         "ratio_to_raw_best": round((moved / best_heal) / (nbytes / best_raw), 3),
         # against the first broadcast of a fresh process pair (a heal is its joiner's first
-        # transfer: like for like on this VM, where a process's first ~64 MB over TCP is slow)
+        # transfer)
         "raw_broadcast_first_s": round(statistics.median(first_times), 4),
         "ratio_to_raw_first": round((moved / heal_s) / (nbytes / statistics.median(first_times)), 3),
         # against a raw broadcast into never-written memory (context for a fresh joiner)
