@@ -54,7 +54,7 @@ def _fuzz_once(address: str, rng: random.Random, token: str) -> None:
     sock = _raw(address)
     try:
         hello = wire.recv_frame(sock)
-        kind = rng.randrange(9)
+        kind = rng.randrange(10)
         if kind == 0:
             sock.sendall(rng.randbytes(rng.randrange(1, 3000)))
         elif kind == 1:
@@ -92,6 +92,13 @@ def _fuzz_once(address: str, rng: random.Random, token: str) -> None:
                 "ok": True, "signatures": [1, 2]}, {"type": "vote", "info": [1]},
             ])
             sock.sendall(wire.encode_frame(bad))
+        elif kind == 8:  # authenticated register saying nonsense about its host
+            client_nonce = wire.new_nonce()
+            sock.sendall(wire.encode_frame({
+                "type": "register", "replica_id": f"fuzz-{rng.randrange(1 << 30)}", "group_rank": 0,
+                "group_world_size": 1, "client_nonce": client_nonce, "host": rng.choice(["h" * 300, 7, ["a"]]),
+                "mac": wire.worker_mac(token, hello["nonce"], client_nonce),
+            }))
         else:  # register with nonsense fields
             sock.sendall(wire.encode_frame({
                 "type": "register", "replica_id": rng.choice(["", "x" * 300, 5]),
