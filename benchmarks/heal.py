@@ -142,7 +142,7 @@ def heal_once(kind: str, nbytes: int, queue: mp.Queue, ctx: Any) -> tuple:
 
 def raw_pair(nbytes: int, warm: int, ctx: Any, queue: mp.Queue) -> tuple[float, list[float], list[float]]:
     """One fresh pair of processes: (its first broadcast, `warm` more into the same memory,
-    as many into never-written memory), seconds; an iteration ends when both ranks are done."""
+    1 + warm into never-written memory), seconds; an iteration ends when both ranks are done."""
     port = _free_port()
     procs = [ctx.Process(target=raw_broadcast, args=(r, 2, port, nbytes, 1 + warm, queue)) for r in range(2)]
     for p in procs:

@@ -15,24 +15,27 @@ from pathlib import Path
 
 
 def pool(paths: list[Path]) -> list[dict]:
-    cases: dict[tuple[str, float], dict[str, list[float]]] = {}
+    cases: dict[tuple[str, float, str], dict[str, list[float]]] = {}
     for path in paths:
         for line in path.read_text().splitlines():
             row = json.loads(line)
-            if row.get("case") != "heal":
+            # (runs before the interleaved pairs counted each pair's first broadcast as warm)
+            if row.get("case") != "heal" or "raw_broadcast_first_s_all" not in row:
                 continue
-            case = cases.setdefault((row["state"], row["state_mb"]), {"heal": [], "raw": [], "first": [], "runs": []})
+            key = (row["state"], row["state_mb"], row.get("hosts", "one"))
+            case = cases.setdefault(key, {"heal": [], "raw": [], "first": [], "runs": []})
             case["heal"] += row["heal_s_all"]
             case["raw"] += row["raw_broadcast_s_all"]
             case["first"] += row.get("raw_broadcast_first_s_all", [])
             case["runs"].append(row["ratio_to_raw"])
     out = []
-    for (state, mb), c in cases.items():
+    for (state, mb, hosts), c in cases.items():
         heal, raw = statistics.median(c["heal"]), statistics.median(c["raw"])
         line = {
             "case": "heal_pooled",
             "state": state,
             "state_mb": mb,
+            "hosts": hosts,
             "runs": len(c["runs"]),
             "heals": len(c["heal"]),
             "raw_broadcasts": len(c["raw"]),
@@ -43,8 +46,7 @@ def pool(paths: list[Path]) -> list[dict]:
             "runs_at_target": sum(r >= 0.8 for r in c["runs"]),
             "target_ratio": 0.8,
         }
-        if c["first"]:
-            line["ratio_to_raw_first"] = round(statistics.median(c["first"]) / heal, 3)
+        line["ratio_to_raw_first"] = round(statistics.median(c["first"]) / heal, 3)
         out.append(line)
     return out
 

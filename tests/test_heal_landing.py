@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from lococomm.collectives.abort import AbortSignal
 from lococomm.ft.heal_landing import FRESH, OWNED, SHARED, Landing, populate
-from lococomm.ft.healing import mark_landed, wait_landed
+from lococomm.ft.healing import HealError, ReceivePlan, mark_landed, receive_plan, wait_landed
 from lococomm.ft.state import ReplicatedState, TensorSpec
 
 
@@ -45,9 +45,13 @@ def test_landing_hands_over_metadata_and_targets():
     meta = {"skeleton": snap.skeleton, "specs": [s.to_json() for s in specs], "sources": [0], "chunk_bytes": 1 << 20}
     store = dist.HashStore()
     abort = AbortSignal()
-    landing = Landing(store, state, torch.device("cpu"), abort, 20.0)
+    landing = Landing(store, state, torch.device("cpu"), abort, 20.0, prepare=receive_plan)
     threading.Timer(0.2, store.set, ("heal/meta", json.dumps(meta))).start()
     got_meta, got_specs, targets, kinds = landing.wait(float("inf"))
+    # the receive streams' plan is built on the landing thread too, into those very targets
+    plan = landing.prepared
+    assert isinstance(plan, ReceivePlan) and len(plan.headers) == 1
+    assert any(p.data_ptr() == targets[-1].data_ptr() for p in plan.pieces[0])
     assert got_meta == meta and [s.path for s in got_specs] == [s.path for s in specs]
     kind = {s.path: k for s, k in zip(specs, kinds)}
     assert kind["model.weight"] == SHARED and kind["extra.ema"] == OWNED and kind["extra.moments"] == FRESH
@@ -82,3 +86,12 @@ def test_members_wait_for_every_receiver_to_land():
     assert "timed out" in (wait_landed(store, [2], abort, 0.2) or "")
     abort.abort("member gone")
     assert wait_landed(store, [2], abort, 20.0) == "aborted: member gone"
+
+    class GoneStore:
+        def set(self, key: str, value: str) -> None:
+            raise RuntimeError("connection reset")
+
+    # a receiver that cannot say it landed fails its heal (redone) rather than leave the
+    # others waiting out their timeout
+    with pytest.raises(HealError, match="could not tell the others"):
+        mark_landed(GoneStore(), 1)

@@ -188,11 +188,12 @@ def wait_key(store: Any, key: str | list[str], abort: AbortSignal, deadline: flo
 
 
 def mark_landed(store: Any, rank: int) -> None:
-    """Tell the members that `wait_landed` that receiver `rank`'s state is in."""
+    """Tell the members that `wait_landed` that receiver `rank`'s state is in. HealError if the
+    store is gone: the others would otherwise wait out their timeout (the heal is redone)."""
     try:
         store.set(f"heal/landed/{rank}", "1")
-    except Exception as e:  # the coordinator is gone: the commit vote fails on its own
-        log.debug("heal: could not mark rank %d's state landed (%s)", rank, e)
+    except Exception as e:
+        raise HealError(f"could not tell the others that this state landed: {e}") from e
 
 
 def wait_landed(store: Any, receivers: list[int], abort: AbortSignal, timeout: float) -> str | None:
@@ -502,12 +503,6 @@ class Healer:
                 self.landing.finished = True
             self.groups.retire(self.comm.graveyard)
 
-    def wait_landed(self, timeout: float) -> None:
-        """On a member that was no receiver: `wait_landed` for this heal's receivers."""
-        err = wait_landed(self.store, self.receivers, self.comm.abort, timeout)
-        if err is not None:
-            log.debug("heal: stopped waiting for the receivers to land (%s)", err)
-
     # ------------------------------------------------------------------ source side
     def _as_source(self) -> None:
         rank = self.comm.rank
@@ -527,6 +522,7 @@ class Healer:
         if self.groups.streams:
             # the primary source's plan was built while the epoch group formed
             plan = self.prepared_send.result() if self.prepared_send else send_plan(snapshot, meta, rank)
+            self.prepared_send = None  # (a device state's plan holds a host copy of it)
             self._send_streams(plan)
             return
         chunks = plan_chunks(snapshot.specs, meta["chunk_bytes"])

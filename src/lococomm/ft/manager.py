@@ -48,6 +48,7 @@ from lococomm.ft.healing import (
     send_plan,
     stream_sources,
     streams_enabled,
+    wait_landed,
 )
 from lococomm.ft.session import CoordinatorSession
 from lococomm.ft.state import ReplicatedState
@@ -104,9 +105,10 @@ class _EpochContext:
     abort: AbortSignal
     comm: Communicator | None = None
     commits: int = 0
-    # a member that healed others: waits (seconds bound) until the receivers have landed,
-    # before the first commit hashes the state (Healer.wait_landed)
-    wait_healed: Callable[[float], None] | None = None
+    # a member of a heal that was not healed itself: returns once the receivers have landed
+    # (or the abort / the bound in seconds), before the first commit hashes the state
+    # (healing.wait_landed); None, or why it stopped waiting
+    wait_healed: Callable[[float], str | None] | None = None
 
 
 @dataclass
@@ -406,10 +408,17 @@ class Manager:
             if self._failure is None and self._parity_due(ctx):
                 if ctx.wait_healed is not None:
                     ctx.wait_healed, wait = None, ctx.wait_healed
-                    wait(self.timeout)
-                digest, per_tensor, self._digest_paths = self._state.digest()
-                vote["digest"] = digest
-                vote["tensor_digests"] = per_tensor[:_MAX_TENSOR_DIGESTS]
+                    why = wait(self.timeout)
+                    if ctx.abort.aborted:  # given up meanwhile: no digest, no ok vote
+                        self._failure = f"aborted: {ctx.abort.reason}"
+                    elif why is not None:
+                        log.warning("the healed members did not report their state landed (%s)", why)
+                if self._failure is None:
+                    digest, per_tensor, self._digest_paths = self._state.digest()
+                    vote["digest"] = digest
+                    vote["tensor_digests"] = per_tensor[:_MAX_TENSOR_DIGESTS]
+                else:
+                    vote.update(ok=False, reason=self._failure)
             generation = self._session.vote(vote)
             if generation is None:
                 return self._step_failed("lost the coordinator before voting")
@@ -615,8 +624,18 @@ class Manager:
             "step": self._step,
             "last_epoch": self._last_epoch,
             "last_members": self._last_members,
-            "host": ring_host(local_address),  # where this member's heal links listen
+            "host": self._host(local_address),
         }
+
+    def _host(self, local_address: str) -> str:
+        """Where this member's heal links listen (told to the coordinator, which spreads a
+        heal over sources on distinct hosts); "" if that cannot be worked out right now (this
+        runs on the reconnecting thread, which must not die of it)."""
+        try:
+            return ring_host(local_address)
+        except Exception as e:
+            log.warning("cannot tell the coordinator this member's host: %s", e)
+            return ""
 
     def _on_abort(self, epoch: int | None, reason: str) -> None:
         """Coordinator push (reader thread): epoch `epoch` failed, or (None) the connection
@@ -756,7 +775,10 @@ class Manager:
                 raise
             seconds = time.monotonic() - started
             if self.replica_id not in info.receivers:
-                ctx.wait_healed = healer.wait_landed
+                # (holds the store and ranks only, not the healer and its stream plan)
+                ctx.wait_healed = functools.partial(
+                    wait_landed, heal.store, info.ranks_of(info.receivers), ctx.abort
+                )
             else:
                 self._damaged = False
                 self.metrics.heal_seconds = seconds
