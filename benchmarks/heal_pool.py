@@ -3,7 +3,7 @@ the median of every warm raw broadcast measured beside them (and of the pairs' f
 broadcasts). A single run's medians of 3-9 transfers move a lot on a noisy machine (a 10 MB
 broadcast here takes 1.7-10 ms); pooled, the ratio is steadier. One JSON line per case.
 
-    .venv/bin/python benchmarks/heal_pool.py docs/results/heal_run1[0-5]*.jsonl
+    .venv/bin/python benchmarks/heal_pool.py docs/results/heal_run*.jsonl
 """
 
 from __future__ import annotations
