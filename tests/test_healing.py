@@ -60,6 +60,10 @@ def test_joiner_state_bit_equal_after_heal(workers, coordinator_factory, tmp_pat
     assert len({(f["counter"], f["step"]) for f in finals}) == 1 and finals[0]["counter"] == finals[0]["step"]
     _assert_states_equal([tmp_path / f"w{i}.pt" for i in range(4)])
     assert "healed" in workers.stderr("w3")
+    # w1 and w2 were healed at the first step; when w3 joined they were up to date and held
+    # their digest until w3's state had landed (healing.wait_landed)
+    for name in ("w1", "w2"):
+        assert "for the healed members' state to land before hashing" in workers.stderr(name), name
 
 
 @pytest.mark.timeout(180)

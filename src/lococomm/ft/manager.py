@@ -408,7 +408,13 @@ class Manager:
             if self._failure is None and self._parity_due(ctx):
                 if ctx.wait_healed is not None:
                     ctx.wait_healed, wait = None, ctx.wait_healed
+                    waited = time.monotonic()
                     why = wait(self.timeout)
+                    if why is None:
+                        log.info(
+                            "waited %.1f ms for the healed members' state to land before hashing",
+                            (time.monotonic() - waited) * 1e3,
+                        )
                     if ctx.abort.aborted:  # given up meanwhile: no digest, no ok vote
                         self._failure = f"aborted: {ctx.abort.reason}"
                     elif why is not None:
