@@ -13,7 +13,8 @@ Modes:
 
 --kill-at S --kill-wait K: at step S the worker SIGKILLs itself at its K-th wait on the
 network inside the collective (K = 2: just after the data ops were issued), which puts the
-kill in the middle of the compressed all-reduce.
+kill in the middle of the compressed all-reduce. --kill-after-wait: once that wait has
+returned instead (the others are then known to be inside the same collective).
 """
 
 from __future__ import annotations
@@ -79,18 +80,25 @@ def make_ef(kind: str, codec):
     raise ValueError(kind)
 
 
-def arm_kill(out, step: int, after_waits: int) -> None:
-    """SIGKILL this process at its `after_waits`-th network wait from now on."""
+def arm_kill(out, step: int, after_waits: int, once_returned: bool = False) -> None:
+    """SIGKILL this process at its `after_waits`-th network wait from now on (or, with
+    `once_returned`, as soon as that wait has returned)."""
     original = Communicator.wait
     count = {"n": 0}
 
+    def die() -> None:
+        out.write(json.dumps({"event": "kill", "step": step, "time": time.time()}) + "\n")
+        out.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
     def wait(self, works, deadline=None):
         count["n"] += 1
+        if count["n"] >= after_waits and not once_returned:
+            die()
+        result = original(self, works, deadline)
         if count["n"] >= after_waits:
-            out.write(json.dumps({"event": "kill", "step": step, "time": time.time()}) + "\n")
-            out.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
-        return original(self, works, deadline)
+            die()
+        return result
 
     Communicator.wait = wait
 
@@ -126,6 +134,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=20.0)
     parser.add_argument("--kill-at", type=int, default=-1)
     parser.add_argument("--kill-wait", type=int, default=2)
+    parser.add_argument("--kill-after-wait", action="store_true")
     parser.add_argument("--step-sleep", type=float, default=0.0)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--slow-until-members", type=int, default=0,
@@ -167,7 +176,7 @@ def main() -> None:
             tensor = own.clone()
         ef_before = state_digest(ef)
         if step == args.kill_at:
-            arm_kill(out, step, args.kill_wait)
+            arm_kill(out, step, args.kill_wait, args.kill_after_wait)
         ok = manager.allreduce(tensor, op=args.op, codec=codec, error_feedback=ef, name="t")
         ef_after_call = state_digest(ef)
         committed = manager.commit()

@@ -165,8 +165,8 @@ def test_error_feedback_accumulated_error_stays_bounded(workers, coordinator_fac
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize(
     "codec, ef, kill_wait",
-    [({"name": "int8", "config": {}}, "ef", 2), ({"name": "topk", "config": {"ratio": 0.05}}, "none", 1),
-     ({"name": "powersgd", "config": {"rank": 4}}, "none", 2)],
+    [({"name": "int8", "config": {}}, "ef", "2"), ({"name": "topk", "config": {"ratio": 0.05}}, "none", "1+"),
+     ({"name": "powersgd", "config": {"rank": 4}}, "none", "2")],
     ids=["ring-ef", "allgather", "powersgd"],
 )  # fmt: skip
 def test_sigkill_mid_compressed_allreduce_leaves_survivors_unchanged_and_retry_is_exact(
@@ -177,14 +177,17 @@ def test_sigkill_mid_compressed_allreduce_leaves_survivors_unchanged_and_retry_i
     w2 dies at its kill_wait-th network wait of step 3: inside the ring / PowerSGD's first data
     op (the survivors need w2 for every later hop), and for the all-gather -- one op, which
     w2's gloo thread may finish in the background before the kill lands, so the call could
-    succeed everywhere and only the commit fail -- at the signature check, before its payload
-    exists: the survivors' call itself fails.
+    succeed everywhere and only the commit fail -- once the signature check has returned ("1+"),
+    before its payload exists: the survivors' call itself fails. (Dying at the signature check
+    itself raced the survivors on a loaded machine: if they had not yet started step 3, the
+    abort reached them first and step 3 simply ran in the next epoch.)
     """
     coordinator = coordinator_factory(initial_workers=3)
     common = ["--codecs", json.dumps([codec]), "--ef", ef, "--steps", "6", "--shape", "300x257"]
     start(workers, coordinator, 2, *common)
     workers.start("w2", "compressed_worker.py", "--coordinator", coordinator.address,
-                  "--replica", "w2", *common, "--kill-at", "3", "--kill-wait", str(kill_wait))  # fmt: skip
+                  "--replica", "w2", *common, "--kill-at", "3", "--kill-wait", kill_wait.rstrip("+"),
+                  *(["--kill-after-wait"] if kill_wait.endswith("+") else []))  # fmt: skip
     for name in ("w0", "w1"):
         assert workers.wait_exit(name, 100) == 0, workers.dump()
     assert workers.wait_exit("w2", 10) == -signal.SIGKILL
