@@ -26,7 +26,7 @@ def pool(paths: list[Path]) -> list[dict]:
             case = cases.setdefault(key, {"heal": [], "raw": [], "first": [], "runs": []})
             case["heal"] += row["heal_s_all"]
             case["raw"] += row["raw_broadcast_s_all"]
-            case["first"] += row.get("raw_broadcast_first_s_all", [])
+            case["first"] += row["raw_broadcast_first_s_all"]
             case["runs"].append(row["ratio_to_raw"])
     out = []
     for (state, mb, hosts), c in cases.items():

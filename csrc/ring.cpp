@@ -113,7 +113,7 @@ class RingRun {
       if (want_send) fds[n++] = {right_, POLLOUT, 0};
       // (other signals -- SIGCHLD, ... -- go on with the ring)
       err = lococomm::poll_once(fds, n, static_cast<int>(std::min<int64_t>(left_ms, 100)),
-                                            "ring socket closed under the executor");
+                                "ring socket closed under the executor");
       if (!err.empty()) return err;
     }
     return "";

@@ -110,6 +110,12 @@ def chunk_size_for(state_bytes: int, max_chunk_bytes: int = CHUNK_BYTES) -> int:
     return max(4096, size // 4096 * 4096)
 
 
+def source_chunks(count: int, sources: list[int], rank: int) -> list[int]:
+    """The indices of `count` chunks that source `rank` sends: chunk i comes from source
+    i mod len(sources), so a large state is spread over every source named."""
+    return [i for i in range(count) if sources[i % len(sources)] == rank]
+
+
 def chunk_nbytes(chunk: list[Segment]) -> int:
     return sum(s.end - s.start for s in chunk)
 
@@ -305,7 +311,7 @@ def send_plan(snapshot: Any, meta: dict, rank: int) -> SendPlan:
     host first: the streams are TCP)."""
     sources = meta["sources"]
     chunks = plan_chunks(snapshot.specs, meta["chunk_bytes"])
-    mine = [i for i in range(len(chunks)) if sources[i % len(sources)] == rank]
+    mine = source_chunks(len(chunks), sources, rank)
     views = [
         _byte_view(t if t.device.type == "cpu" else t.cpu()) if s.nbytes else None
         for s, t in zip(snapshot.specs, snapshot.tensors)
@@ -526,7 +532,7 @@ class Healer:
             self._send_streams(plan)
             return
         chunks = plan_chunks(snapshot.specs, meta["chunk_bytes"])
-        mine = [i for i in range(len(chunks)) if sources[i % len(sources)] == rank]
+        mine = source_chunks(len(chunks), sources, rank)
         group = self.groups.wait(self.deadline)[f"heal/{rank}"]
         log.info(
             "heal: sending %d of %d chunks (%d bytes of state) to ranks %s",
@@ -704,7 +710,8 @@ class Healer:
         """Receive every source's stream at once straight into the state's tensors (or fresh
         ones), checking each chunk's checksum as it completes; then load."""
         sources = meta["sources"]
-        plan = self.landing.prepared if self.landing is not None else None
+        assert self.landing is not None  # (_as_receiver makes one if the manager did not)
+        plan = self.landing.prepared
         if not isinstance(plan, ReceivePlan):  # (a Landing made without receive_plan)
             plan = receive_plan(meta, specs, targets)
         landing, host, pieces, ends, headers = plan.landing, plan.host, plan.pieces, plan.ends, plan.headers

@@ -394,6 +394,9 @@ class Manager:
         key = (ctx.info.number, self._step)
         generation = self._vote_generation
         if not self._early_voted:
+            parity = self._failure is None and self._parity_due(ctx)
+            if parity:
+                self._wait_for_healed(ctx)
             if self._failure is None and ctx.abort.aborted:
                 self._failure = f"aborted: {ctx.abort.reason}"
             vote = {
@@ -405,26 +408,10 @@ class Manager:
                 "signatures": self._signatures[:_MAX_REPORTED_SIGNATURES],
                 "info": {**self._report, "bytes": self._bytes_sent_total(), "step": self._step},
             }
-            if self._failure is None and self._parity_due(ctx):
-                if ctx.wait_healed is not None:
-                    ctx.wait_healed, wait = None, ctx.wait_healed
-                    waited = time.monotonic()
-                    why = wait(self.timeout)
-                    if why is None:
-                        log.info(
-                            "waited %.1f ms for the healed members' state to land before hashing",
-                            (time.monotonic() - waited) * 1e3,
-                        )
-                    if ctx.abort.aborted:  # given up meanwhile: no digest, no ok vote
-                        self._failure = f"aborted: {ctx.abort.reason}"
-                    elif why is not None:
-                        log.warning("the healed members did not report their state landed (%s)", why)
-                if self._failure is None:
-                    digest, per_tensor, self._digest_paths = self._state.digest()
-                    vote["digest"] = digest
-                    vote["tensor_digests"] = per_tensor[:_MAX_TENSOR_DIGESTS]
-                else:
-                    vote.update(ok=False, reason=self._failure)
+            if parity and self._failure is None:
+                digest, per_tensor, self._digest_paths = self._state.digest()
+                vote["digest"] = digest
+                vote["tensor_digests"] = per_tensor[:_MAX_TENSOR_DIGESTS]
             generation = self._session.vote(vote)
             if generation is None:
                 return self._step_failed("lost the coordinator before voting")
@@ -617,6 +604,23 @@ class Manager:
     def _bytes_sent_total(self) -> int:
         comm = self._ctx.comm if self._ctx else None
         return self._bytes_retired + (comm.bytes_sent if comm else 0)
+
+    def _wait_for_healed(self, ctx: _EpochContext) -> None:
+        """Before the first digest after a heal this member was not healed in: wait for the
+        healed members' state to land (healing.wait_landed), so the hash does not take the CPU
+        their transfer needs. An abort meanwhile is seen by the caller's abort check."""
+        if ctx.wait_healed is None:
+            return
+        ctx.wait_healed, wait = None, ctx.wait_healed
+        waited = time.monotonic()
+        why = wait(self.timeout)
+        if why is None:
+            log.info(
+                "waited %.1f ms for the healed members' state to land before hashing",
+                (time.monotonic() - waited) * 1e3,
+            )
+        elif not ctx.abort.aborted:
+            log.warning("the healed members did not report their state landed (%s)", why)
 
     def _parity_due(self, ctx: _EpochContext) -> bool:
         """Digests ride on this vote? Decided from facts every member shares (step, epoch)."""
